@@ -1,0 +1,141 @@
+"""Reading the photos users have, and converting between arrays and tensors.
+
+``load_image`` returns upright 8-bit RGB whatever the file holds: EXIF orientation applied, grayscale,
+palette, RGBA/LA (alpha kept aside), CMYK, 16-bit and WebP converted. Very large photos are read at full
+resolution; detection works on a downscaled copy (see ``faceshield.faces.detect.detect_faces``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from faceshield.errors import ImageReadError, ShapeError
+
+log = logging.getLogger(__name__)
+
+# Pillow refuses images above ~179 MP as possible decompression bombs; real photos stay far below this
+# limit (a 100 MP medium-format camera), anything above it is refused with a clear message.
+MAX_PIXELS = 250_000_000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class LoadedImage:
+    """A photo as read from disk.
+
+    Attributes:
+        rgb: H×W×3 uint8 RGB, upright (EXIF orientation applied).
+        alpha: H×W uint8 alpha channel when the file has transparency, else None.
+        path: where it came from.
+        format: Pillow's format name ("JPEG", "PNG", ...).
+        mode: the file's original Pillow mode ("RGB", "L", "I;16", "CMYK", "RGBA", ...).
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    path: Path
+    format: str
+    mode: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return self.rgb.shape[1], self.rgb.shape[0]
+
+
+def _to_8bit_rgb(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    mode = img.mode
+    alpha = None
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit int) grayscale: scale the full range down to 8 bits instead of clipping at 255.
+        data = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or data.max() > 255 else 255.0
+        gray = np.clip(np.round(data / peak * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2), None
+    if mode == "F":
+        data = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if data.max() <= 1.0 else 1.0
+        gray = np.clip(np.round(data * scale), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2), None
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        arr = np.array(rgba)
+        alpha = arr[:, :, 3].copy()
+        return np.ascontiguousarray(arr[:, :, :3]), alpha
+    # RGB, L, 1, P, CMYK, YCbCr, LAB, HSV: Pillow's conversions (CMYK with its inversion for Adobe JPEGs).
+    return np.array(img.convert("RGB")), None
+
+
+def load_image(path: str | Path) -> LoadedImage:
+    """Read a photo as upright 8-bit RGB.
+
+    Raises:
+        ImageReadError: one line naming the file and what to do (missing, not an image, truncated, too large).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a folder, expected a photo file")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as img:
+            fmt = img.format or "unknown"
+            mode = img.mode
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb, alpha = _to_8bit_rgb(img)
+    except UnidentifiedImageError:
+        raise ImageReadError(
+            f"{path}: not a readable image; supported formats are JPEG, PNG, WebP, BMP and TIFF "
+            "(convert HEIC/RAW photos to JPEG first)"
+        ) from None
+    except Image.DecompressionBombError:
+        raise ImageReadError(f"{path}: larger than {MAX_PIXELS // 1_000_000} megapixels; downscale it first") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: corrupt or truncated image ({exc}); re-export or re-download it") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    if rgb.shape[0] < 2 or rgb.shape[1] < 2:
+        raise ImageReadError(f"{path}: image is only {rgb.shape[1]}×{rgb.shape[0]} pixels")
+    return LoadedImage(rgb=rgb, alpha=alpha, path=path, format=fmt, mode=mode)
+
+
+def to_tensor(rgb: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """H×W×3 uint8 RGB → 1×3×H×W float32 in [0, 1]."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ShapeError(f"expected H×W×3 uint8 RGB, got shape {rgb.shape} dtype {rgb.dtype}")
+    return torch.from_numpy(rgb).to(device).permute(2, 0, 1).unsqueeze(0).float().div(255.0)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """1×3×H×W (or 3×H×W) float in [0, 1] → H×W×3 uint8 RGB, rounded."""
+    if image.ndim == 4:
+        if image.shape[0] != 1:
+            raise ShapeError(f"expected one image, got batch of {image.shape[0]}")
+        image = image[0]
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ShapeError(f"expected 3×H×W, got {tuple(image.shape)}")
+    arr = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return np.ascontiguousarray(arr)
+
+
+def find_images(inputs: list[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of photo paths; files are kept as given."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            found.append(item)
+    return found
