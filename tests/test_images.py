@@ -111,3 +111,43 @@ def test_tensor_conversions_roundtrip(face):
     t = to_tensor(face)
     assert t.shape == (1, 3, 256, 256) and t.dtype == torch.float32 and 0 <= t.min() and t.max() <= 1
     np.testing.assert_array_equal(to_uint8(t), face)
+
+
+def _exif_with_gps() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneMaker"  # Make
+    exif[0x0112] = 1
+    gps = exif.get_ifd(0x8825)
+    gps[2] = (48.0, 51.0, 24.0)  # GPSLatitude
+    gps[1] = "N"
+    return exif
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
+def test_save_strips_metadata_by_default(tmp_path, face, suffix):
+    from faceshield.images import save_image
+
+    src = tmp_path / f"src{suffix}"
+    Image.fromarray(face).save(src, exif=_exif_with_gps().tobytes())
+    loaded = load_image(src)
+    assert loaded.exif is not None
+    out = save_image(tmp_path / f"out{suffix}", loaded.rgb, source=loaded)
+    with Image.open(out) as img:
+        assert len(img.getexif()) == 0 and "icc_profile" not in img.info
+    kept = save_image(tmp_path / f"kept{suffix}", loaded.rgb, source=loaded, keep_metadata=True)
+    with Image.open(kept) as img:
+        exif = img.getexif()
+        assert exif.get(0x010F) == "PhoneMaker" and exif.get_ifd(0x8825).get(1) == "N"
+
+
+def test_save_keeps_size_alpha_and_jpeg_quality(tmp_path, face):
+    from faceshield.images import save_image
+
+    alpha = np.full(face.shape[:2], 200, np.uint8)
+    png = load_image(save_image(tmp_path / "a.png", face, alpha=alpha))
+    np.testing.assert_array_equal(png.rgb, face)
+    np.testing.assert_array_equal(png.alpha, alpha)
+    jpg = load_image(save_image(tmp_path / "a.jpg", face))
+    assert jpg.size == (256, 256) and np.abs(jpg.rgb.astype(int) - face.astype(int)).mean() < 1.5
+    with pytest.raises(ImageReadError, match="cannot write this file type"):
+        save_image(tmp_path / "a.gif", face)

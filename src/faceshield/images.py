@@ -35,6 +35,8 @@ class LoadedImage:
         path: where it came from.
         format: Pillow's format name ("JPEG", "PNG", ...).
         mode: the file's original Pillow mode ("RGB", "L", "I;16", "CMYK", "RGBA", ...).
+        exif: the file's EXIF block with orientation reset to 1 (the pixels are upright), or None.
+        icc_profile: the file's ICC colour profile, or None.
     """
 
     rgb: np.ndarray
@@ -42,6 +44,8 @@ class LoadedImage:
     path: Path
     format: str
     mode: str
+    exif: bytes | None = None
+    icc_profile: bytes | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -93,6 +97,8 @@ def load_image(path: str | Path) -> LoadedImage:
             fmt = img.format or "unknown"
             mode = img.mode
             img.load()
+            exif = img.getexif()
+            icc_profile = img.info.get("icc_profile")
             img = ImageOps.exif_transpose(img)
             rgb, alpha = _to_8bit_rgb(img)
     except UnidentifiedImageError:
@@ -108,7 +114,11 @@ def load_image(path: str | Path) -> LoadedImage:
         Image.MAX_IMAGE_PIXELS = previous
     if rgb.shape[0] < 2 or rgb.shape[1] < 2:
         raise ImageReadError(f"{path}: image is only {rgb.shape[1]}×{rgb.shape[0]} pixels")
-    return LoadedImage(rgb=rgb, alpha=alpha, path=path, format=fmt, mode=mode)
+    exif_bytes = None
+    if len(exif):
+        exif[0x0112] = 1  # orientation: the pixels were rotated upright above
+        exif_bytes = exif.tobytes()
+    return LoadedImage(rgb, alpha, path, fmt, mode, exif_bytes, icc_profile)
 
 
 def to_tensor(rgb: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -139,3 +149,47 @@ def find_images(inputs: list[str | Path]) -> list[Path]:
         else:
             found.append(item)
     return found
+
+
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def save_image(
+    path: str | Path,
+    rgb: np.ndarray,
+    alpha: np.ndarray | None = None,
+    source: LoadedImage | None = None,
+    keep_metadata: bool = False,
+    jpeg_quality: int = 95,
+) -> Path:
+    """Write H×W×3 uint8 RGB (plus optional alpha) atomically, format chosen by the file suffix.
+
+    Metadata (EXIF with GPS, camera serials, ICC profile, comments) is dropped unless ``keep_metadata``, in
+    which case ``source``'s EXIF (orientation reset to 1) and ICC profile are written back. JPEG uses 4:4:4
+    chroma at ``jpeg_quality`` (default 95) so that the protection is not averaged away by subsampling;
+    WebP is written lossless.
+    """
+    import io
+
+    from faceshield.fileio import write_bytes_atomic
+
+    path = Path(path)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ImageReadError(f"{path}: cannot write this file type; use one of {', '.join(sorted(_FORMATS))}")
+    img = Image.fromarray(rgb)
+    if alpha is not None and fmt in ("PNG", "WEBP", "TIFF"):
+        img.putalpha(Image.fromarray(alpha))
+    options: dict = {}
+    if fmt == "JPEG":
+        options.update(quality=int(jpeg_quality), subsampling=0)
+    elif fmt == "WEBP":
+        options.update(lossless=True)
+    if keep_metadata and source is not None:
+        if source.exif:
+            options["exif"] = source.exif
+        if source.icc_profile:
+            options["icc_profile"] = source.icc_profile
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **options)
+    return write_bytes_atomic(path, buffer.getvalue())

@@ -1,0 +1,250 @@
+"""The ``faceshield`` command line.
+
+Every command prints a human summary, or with ``--json`` one JSON document on stdout (logs go to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from faceshield.errors import FaceshieldError
+
+log = logging.getLogger("faceshield")
+
+DEFAULT_DETECTOR = "retinaface"
+
+
+def _emit(as_json: bool, payload: dict, human: str) -> None:
+    click.echo(json.dumps(payload, indent=2) if as_json else human)
+
+
+class _Group(click.Group):
+    """Turns faceshield's own errors into one-line messages and exit code 1, without a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FaceshieldError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="faceshield")
+def cli(verbose: int) -> None:
+    """Protect faces in photos from face recognition, and measure how well it works."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+@cli.group()
+def models() -> None:
+    """List, download and check the model files."""
+
+
+def _assets_of(names: tuple[str, ...], every: bool) -> list[str]:
+    from faceshield.models.assets import list_assets
+    from faceshield.models.registry import get_fr_config, list_fr_models
+
+    if every:
+        return [a.name for a in list_assets()]
+    chosen = names or tuple(list_fr_models())
+    files: list[str] = []
+    for name in chosen:
+        if name in list_fr_models():
+            files.extend(get_fr_config(name).assets)
+        else:
+            files.append(name)
+    return list(dict.fromkeys(files))
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_list(as_json: bool) -> None:
+    """FR models of the zoo, and every model file with its source, licence and local status."""
+    from faceshield.eval.calibration import shipped_table
+    from faceshield.models.assets import list_assets, locate
+    from faceshield.models.registry import get_fr_config, list_fr_models
+
+    table = shipped_table()
+    fr = []
+    for name in list_fr_models():
+        cfg = get_fr_config(name)
+        cal = table.models.get(name)
+        fr.append({
+            "name": name, "input_size": cfg.input_size, "embedding_dim": cfg.embedding_dim,
+            "channel_order": cfg.channel_order, "mean": cfg.mean, "std": cfg.std, "licence": cfg.licence,
+            "source": cfg.source, "reference": cfg.reference, "assets": list(cfg.assets),
+            "auc": cal.auc if cal else None, "weak": cal.weak if cal else None,
+        })
+    files = []
+    for asset in list_assets():
+        path = locate(asset.name)
+        files.append({
+            "name": asset.name, "sha256": asset.sha256, "size": asset.size, "licence": asset.licence,
+            "sources": [s.describe() for s in asset.sources], "local": str(path) if path else None,
+        })
+    lines = ["FR models:"]
+    for m in fr:
+        auc = "uncalibrated" if m["auc"] is None else f"AUC {m['auc']:.3f}{' (weak)' if m['weak'] else ''}"
+        lines.append(f"  {m['name']:<20} {m['input_size']}px {m['embedding_dim']}-D  {auc}  {m['licence']}")
+    lines.append("Model files:")
+    for f in files:
+        lines.append(f"  {'ok  ' if f['local'] else 'miss'} {f['name']:<50} {f['size'] / 1e6:7.1f} MB  {f['licence']}")
+    _emit(as_json, {"fr_models": fr, "files": files}, "\n".join(lines))
+
+
+@models.command("fetch")
+@click.argument("names", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every model file, detectors included.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_fetch(names: tuple[str, ...], every: bool, as_json: bool) -> None:
+    """Download and verify the files of NAMES (FR models or file names); default: every FR model and detector."""
+    from faceshield.models.assets import fetch
+
+    files = _assets_of(names, every)
+    if not names and not every:  # the FR zoo plus the default detector
+        files += [a for a in _assets_of((), True) if a.startswith("retinaface")]
+    done = {name: str(fetch(name)) for name in dict.fromkeys(files)}
+    _emit(as_json, {"fetched": done}, "\n".join(f"ok  {k} -> {v}" for k, v in done.items()))
+
+
+@models.command("verify")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_verify(as_json: bool) -> None:
+    """Check the sha256 of every local model file (no download). Exit code 1 if a file is corrupt."""
+    from faceshield.models.assets import cache_dir, list_assets, locate
+
+    result = {}
+    corrupt = []
+    for asset in list_assets():
+        path = locate(asset.name)
+        cached = cache_dir() / asset.name
+        if path:
+            result[asset.name] = "ok"
+        elif cached.exists():
+            result[asset.name] = "corrupt"
+            corrupt.append(asset.name)
+        else:
+            result[asset.name] = "missing"
+    _emit(as_json, {"files": result}, "\n".join(f"{v:<8} {k}" for k, v in result.items()))
+    if corrupt:
+        raise SystemExit(1)
+
+
+# --- detect ---------------------------------------------------------------------------------------------------
+def _detect(path: Path, detector_name: str):
+    from faceshield.faces.detect import create_detector, detect_faces
+    from faceshield.images import load_image
+
+    photo = load_image(path)
+    return photo, detect_faces(photo.rgb, create_detector(detector_name))
+
+
+def _draw_faces(rgb, faces, out: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    from faceshield.fileio import write_bytes_atomic
+    import io
+
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    width = max(2, round(max(img.size) / 400))
+    for face in faces:
+        draw.rectangle(face.box, outline=(0, 255, 0), width=width)
+        for x, y in face.landmarks:
+            r = width * 1.5
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=(255, 0, 0))
+        draw.text((face.box[0], max(0, face.box[1] - 12)), f"{face.score:.2f}", fill=(0, 255, 0))
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    write_bytes_atomic(out, buffer.getvalue())
+
+
+@cli.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
+@click.option("--show", type=click.Path(path_type=Path), help="Write a copy with boxes and landmarks drawn (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def detect(image: Path, detector: str, show: Path | None, as_json: bool) -> None:
+    """Find the faces in IMAGE: scores, boxes and 5 landmarks."""
+    photo, faces = _detect(image, detector)
+    records = [
+        {"score": round(f.score, 4), "box": [round(v, 1) for v in f.box],
+         "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in f.landmarks]}
+        for f in faces
+    ]
+    if show:
+        _draw_faces(photo.rgb, faces, show)
+    lines = [f"{image}: {len(faces)} face(s)"] + [
+        f"  #{i}: score {r['score']:.3f}, box {r['box']}" for i, r in enumerate(records)
+    ]
+    _emit(as_json, {"image": str(image), "width": photo.size[0], "height": photo.size[1], "faces": records},
+          "\n".join(lines))
+
+
+# --- verify ---------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("image1", type=click.Path(path_type=Path))
+@click.argument("image2", type=click.Path(path_type=Path))
+@click.option("--models", "model_names", default="default", help="Comma-separated FR models, 'default' (calibrated "
+              "strong models) or 'all'.")
+@click.option("--far", type=click.Choice(["0.01", "0.001"]), default="0.01", help="False-accept rate of the threshold.")
+@click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify(image1: Path, image2: Path, model_names: str, far: str, detector: str, as_json: bool) -> None:
+    """Do IMAGE1 and IMAGE2 show the same person? Per-model cosine similarity and verdict, and a majority vote.
+
+    Uses the most confident face of each photo; thresholds are the shipped calibration at the chosen FAR.
+    """
+    from faceshield.eval.verify import verify_photos
+
+    report = verify_photos(image1, image2, model_names, float(far), detector)
+    lines = [f"{image1} vs {image2} (threshold at FAR {far}):"]
+    for name, r in report["models"].items():
+        lines.append(f"  {name:<20} cosine {r['cosine']:+.3f}  threshold {r['threshold']:.3f}  "
+                     f"{'same' if r['same'] else 'different'}")
+    lines.append(f"verdict: {report['verdict']} ({report['votes_same']}/{len(report['models'])} models say same)")
+    _emit(as_json, report, "\n".join(lines))
+
+
+# --- calibrate ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("pairs_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--models", "model_names", default="all", help="Comma-separated FR models or 'all'.")
+@click.option("--limit", type=int, default=None, help="Use only the first N pairs (sorted by name).")
+@click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
+@click.option("--output", type=click.Path(path_type=Path), help="Write the table as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def calibrate(pairs_dir: Path, model_names: str, limit: int | None, detector: str, output: Path | None,
+              as_json: bool, quiet: bool) -> None:
+    """ROC AUC, cosine thresholds at FAR 1e-2 / 1e-3 and TAR per FR model on PAIRS_DIR (train/N vs test/N).
+
+    The package ships the table made by:
+    faceshield calibrate ../shared/data/celebahq-pairs --output src/faceshield/data/calibration.json
+    """
+    from faceshield.eval.calibration import run_calibration
+    from faceshield.models.registry import list_fr_models
+
+    names = list_fr_models() if model_names == "all" else [m.strip() for m in model_names.split(",")]
+    command = "faceshield calibrate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    table = run_calibration(pairs_dir, names, detector, limit, progress=not quiet and not as_json, command=command)
+    if output:
+        table.save(output)
+    _emit(as_json, json.loads(table.to_json()), table.markdown())
+
+
+def main() -> None:
+    cli(prog_name="faceshield")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Per-model verification thresholds: ROC AUC, cosine thresholds at fixed false-accept rates, TAR.
+
+Genuine pairs are ``train/N`` vs ``test/N`` of a pairs folder (same person); impostor pairs are
+``train/N`` vs ``test/M`` for every N ≠ M. The threshold at FAR f is the smallest cosine t such that at most a
+fraction f of impostor pairs score strictly above t; "same person" means similarity > t.
+
+The shipped table (``faceshield/data/calibration.json``) is produced by ``faceshield calibrate`` and records
+the command, data and detector that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FARS = (1e-2, 1e-3)
+WEAK_AUC = 0.95
+
+
+@dataclass(frozen=True)
+class ModelCalibration:
+    """Verification statistics of one FR model on one pairs set."""
+
+    model: str
+    auc: float
+    thresholds: dict[str, float]  # FAR as text ("0.01") → cosine threshold
+    tar: dict[str, float]  # FAR as text → true-accept rate at that threshold
+    n_genuine: int
+    n_impostor: int
+    weak: bool
+
+    def threshold(self, far: float = 1e-2) -> float:
+        return self.thresholds[far_key(far)]
+
+
+def far_key(far: float) -> str:
+    return f"{far:g}"
+
+
+def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
+    """Probability that a random genuine score exceeds a random impostor score (ties count half)."""
+    scores = np.concatenate([genuine, impostor])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    n_g, n_i = len(genuine), len(impostor)
+    return float((ranks[:n_g].sum() - n_g * (n_g + 1) / 2.0) / (n_g * n_i))
+
+
+def threshold_at_far(impostor: np.ndarray, far: float) -> float:
+    """Smallest observed impostor score t with mean(impostor > t) ≤ far."""
+    ordered = np.sort(impostor)[::-1]
+    allowed = int(np.floor(far * len(ordered)))  # impostors allowed strictly above t
+    if allowed >= len(ordered):
+        return float(ordered[-1])
+    return float(ordered[allowed])
+
+
+def calibrate_scores(model: str, genuine: np.ndarray, impostor: np.ndarray, fars=FARS) -> ModelCalibration:
+    thresholds = {far_key(f): threshold_at_far(impostor, f) for f in fars}
+    tar = {k: float((genuine > t).mean()) for k, t in thresholds.items()}
+    auc = roc_auc(genuine, impostor)
+    return ModelCalibration(model, auc, thresholds, tar, len(genuine), len(impostor), weak=auc < WEAK_AUC)
+
+
+def pair_scores(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Genuine and impostor cosine scores from row-aligned L2-normalised embeddings ``N×D`` of train and test."""
+    sims = train @ test.T
+    genuine = np.diag(sims).copy()
+    impostor = sims[~np.eye(len(sims), dtype=bool)]
+    return genuine, impostor
+
+
+@dataclass(frozen=True)
+class CalibrationTable:
+    models: dict[str, ModelCalibration]
+    meta: dict
+
+    def to_json(self) -> str:
+        return json.dumps({"meta": self.meta, "models": {k: asdict(v) for k, v in self.models.items()}}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CalibrationTable":
+        data = json.loads(text)
+        return cls({k: ModelCalibration(**v) for k, v in data["models"].items()}, data["meta"])
+
+    def save(self, path: Path) -> None:
+        from faceshield.fileio import write_text_atomic
+
+        write_text_atomic(path, self.to_json() + "\n")
+
+    def strong_models(self) -> list[str]:
+        return sorted(name for name, cal in self.models.items() if not cal.weak)
+
+    def markdown(self) -> str:
+        fars = sorted({k for cal in self.models.values() for k in cal.thresholds}, key=float, reverse=True)
+        head = "| model | AUC | " + " | ".join(f"thr@FAR {k} | TAR@FAR {k}" for k in fars) + " | weak |"
+        rows = [head, "|" + "---|" * (3 + 2 * len(fars))]
+        for name in sorted(self.models):
+            cal = self.models[name]
+            cells = " | ".join(f"{cal.thresholds[k]:.4f} | {cal.tar[k]:.3f}" for k in fars)
+            rows.append(f"| {name} | {cal.auc:.4f} | {cells} | {'yes' if cal.weak else 'no'} |")
+        return "\n".join(rows)
+
+
+def shipped_table() -> CalibrationTable:
+    """The calibration table shipped with the package."""
+    text = resources.files("faceshield").joinpath("data/calibration.json").read_text()
+    return CalibrationTable.from_json(text)
+
+
+def embed_pair_set(
+    pairs_dir: Path, ensemble, detector, ids: list[str] | None = None, progress: bool = False
+) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Embed the best face of ``train/N`` and ``test/N`` for every pair id with every model of ``ensemble``.
+
+    Returns the ids kept, ``{model: (train N×D, test N×D)}`` and the files where no face was found.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from faceshield.faces.detect import detect_faces
+    from faceshield.images import load_image, to_tensor
+
+    pairs_dir = Path(pairs_dir)
+    if ids is None:
+        ids = sorted(p.stem for p in (pairs_dir / "train").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    kept, missing = [], []
+    rows: dict[str, dict[str, list[np.ndarray]]] = {n: {"train": [], "test": []} for n in ensemble.names}
+    for pid in tqdm(ids, desc="pairs", unit="pair", disable=not progress):
+        per_split = {}
+        for split in ("train", "test"):
+            path = next((pairs_dir / split).glob(f"{pid}.*"))
+            photo = load_image(path)
+            faces = detect_faces(photo.rgb, detector)
+            if not faces:
+                missing.append(str(path))
+                break
+            landmarks = torch.from_numpy(faces[0].landmarks[None]).float()
+            with torch.no_grad():
+                per_split[split] = ensemble(to_tensor(photo.rgb), landmarks)
+        if len(per_split) < 2:
+            continue
+        kept.append(pid)
+        for name in ensemble.names:
+            for split in ("train", "test"):
+                rows[name][split].append(per_split[split][name][0].numpy())
+    embeddings = {n: (np.stack(r["train"]), np.stack(r["test"])) for n, r in rows.items() if r["train"]}
+    return kept, embeddings, missing
+
+
+def run_calibration(
+    pairs_dir: Path, model_names: list[str], detector_name: str = "retinaface", limit: int | None = None,
+    progress: bool = False, command: str = "",
+) -> CalibrationTable:
+    """Calibrate ``model_names`` on a pairs folder (``train/N`` vs ``test/N``); ``limit`` takes the first pairs."""
+    from faceshield import __version__
+    from faceshield.faces.detect import create_detector
+    from faceshield.models.ensemble import FREnsemble
+
+    pairs_dir = Path(pairs_dir)
+    ids = sorted(p.stem for p in (pairs_dir / "train").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    ids = ids[:limit] if limit else ids
+    ensemble = FREnsemble(model_names)
+    kept, embeddings, missing = embed_pair_set(pairs_dir, ensemble, create_detector(detector_name), ids, progress)
+    if len(kept) < 2:
+        from faceshield.errors import FaceshieldError
+
+        raise FaceshieldError(f"{pairs_dir}: faces found in fewer than 2 pairs; is it a train/ + test/ pairs folder?")
+    models = {}
+    for name, (train, test) in embeddings.items():
+        genuine, impostor = pair_scores(train, test)
+        models[name] = calibrate_scores(name, genuine, impostor)
+        log.info("%s: AUC %.4f", name, models[name].auc)
+    meta = {
+        "pairs": pairs_dir.name,
+        "n_pairs": len(kept),
+        "no_face": missing,
+        "detector": detector_name,
+        "faceshield": __version__,
+        "command": command,
+        "weak_if_auc_below": WEAK_AUC,
+    }
+    return CalibrationTable(models, meta)

@@ -1,0 +1,64 @@
+"""Face verification of two photos with the calibrated FR zoo: the check a user runs after protecting a photo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from faceshield.errors import FaceshieldError, NoFaceError
+from faceshield.eval.calibration import far_key, shipped_table
+from faceshield.faces.detect import create_detector, detect_faces
+from faceshield.images import load_image, to_tensor
+from faceshield.models.ensemble import FREnsemble
+from faceshield.models.registry import list_fr_models
+
+
+def resolve_models(spec: str) -> list[str]:
+    """'default' → calibrated models that are not weak; 'all' → every zoo model; else a comma-separated list."""
+    if spec == "default":
+        return shipped_table().strong_models()
+    if spec == "all":
+        return list_fr_models()
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(list_fr_models()))
+    if unknown:
+        raise FaceshieldError(f"unknown FR model(s) {', '.join(unknown)}; choose from: {', '.join(list_fr_models())}")
+    return names
+
+
+def embed_best_face(path: Path, ensemble: FREnsemble, detector) -> dict[str, torch.Tensor]:
+    """Embeddings ``{model: D}`` of the most confident face in the photo at ``path``."""
+    photo = load_image(path)
+    faces = detect_faces(photo.rgb, detector)
+    if not faces:
+        raise NoFaceError(f"{path}: no face found; use a photo where the face is visible and at least 20 px wide")
+    landmarks = torch.from_numpy(faces[0].landmarks[None]).float()
+    with torch.no_grad():
+        return {k: v[0] for k, v in ensemble(to_tensor(photo.rgb), landmarks).items()}
+
+
+def verify_photos(image1: Path, image2: Path, models: str = "default", far: float = 1e-2,
+                  detector: str = "retinaface") -> dict:
+    """Per-model cosine similarity, threshold and same/different verdict, and the majority verdict.
+
+    The overall verdict is "same person" when more than half of the models say so.
+    """
+    table = shipped_table()
+    names = resolve_models(models)
+    uncalibrated = [n for n in names if n not in table.models]
+    if uncalibrated:
+        raise FaceshieldError(f"no calibration for {', '.join(uncalibrated)}; run `faceshield calibrate` first")
+    ensemble = FREnsemble(names)
+    det = create_detector(detector)
+    a, b = embed_best_face(Path(image1), ensemble, det), embed_best_face(Path(image2), ensemble, det)
+    per_model = {}
+    for name in names:
+        cosine = float(a[name] @ b[name])
+        threshold = table.models[name].threshold(far)
+        per_model[name] = {"cosine": round(cosine, 4), "threshold": round(threshold, 4), "same": cosine > threshold}
+    votes = sum(r["same"] for r in per_model.values())
+    return {
+        "image1": str(image1), "image2": str(image2), "far": far_key(far), "models": per_model,
+        "votes_same": votes, "verdict": "same person" if votes * 2 > len(names) else "different",
+    }

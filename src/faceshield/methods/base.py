@@ -1,0 +1,105 @@
+"""The common interface of every protection method, and the method registry.
+
+A method is one class with a typed config dataclass (the paper's or our documented defaults) and
+``protect(image, landmarks, target=None) -> ProtectionResult``. Methods import the core (faces, models,
+augment, diffusion), never each other. ``create_method(name, **overrides)`` builds one by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from faceshield.errors import FaceshieldError, ShapeError
+
+
+@dataclass
+class ProtectionResult:
+    """What a method returns for one photo.
+
+    Attributes:
+        image: ``1×3×H×W`` float RGB in [0, 1], the protected photo (same size as the input).
+        steps: optimisation steps run.
+        history: per-step scalars worth logging (loss, similarities), small.
+    """
+
+    image: torch.Tensor
+    steps: int = 0
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+class ProtectionMethod(ABC):
+    """Base class: subclasses set ``name``, ``Config`` and implement :meth:`protect`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    # threats a method addresses (see METHODS.md), e.g. ("fr-dodging", "fr-impersonation")
+    goals: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"{self.name}: config must be {self.Config.__name__}, got {type(self.config).__name__}")
+
+    @abstractmethod
+    def protect(
+        self, image: torch.Tensor, landmarks: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> ProtectionResult:
+        """Protect every face of one photo.
+
+        Args:
+            image: ``1×3×H×W`` float RGB in [0, 1].
+            landmarks: ``F×5×2`` landmark pixels of the F faces to protect.
+            target: for impersonation, the target identity's embeddings ``{surrogate name: 1×D}``
+                (from the method's own surrogate models); None for dodging.
+        """
+
+    def config_dict(self) -> dict:
+        return {"method": self.name, **dataclasses.asdict(self.config)}
+
+
+def check_photo(image: torch.Tensor, landmarks: torch.Tensor) -> None:
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3 or not image.is_floating_point():
+        raise ShapeError(f"expected one photo 1×3×H×W float, got {tuple(image.shape)} {image.dtype}")
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2) or landmarks.shape[0] == 0:
+        raise ShapeError(f"expected landmarks F×5×2 with F ≥ 1, got {tuple(landmarks.shape)}")
+
+
+_METHODS: dict[str, type[ProtectionMethod]] = {}
+
+
+def register_method(cls: type[ProtectionMethod]) -> type[ProtectionMethod]:
+    if cls.name in _METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _load_methods() -> None:
+    import faceshield.methods.catalog  # noqa: F401  (each method module registers itself)
+
+
+def list_methods() -> list[str]:
+    _load_methods()
+    return sorted(_METHODS)
+
+
+def get_method_class(name: str) -> type[ProtectionMethod]:
+    _load_methods()
+    if name not in _METHODS:
+        raise FaceshieldError(f"unknown method {name!r}; choose from: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def create_method(name: str, **overrides: Any) -> ProtectionMethod:
+    """Build method ``name`` with its default config, fields in ``overrides`` replaced (unknown keys rejected)."""
+    cls = get_method_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise FaceshieldError(f"{name}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    return cls(cls.Config(**overrides))
