@@ -8,6 +8,7 @@ guessed from graph shapes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -143,3 +144,9 @@ def create_fr_model(name: str, device: str | torch.device = "cpu") -> FaceRecogn
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def cached_fr_model(name: str, device: str = "cpu") -> FaceRecognizer:
+    """:func:`create_fr_model`, built once per process and device (the models are frozen, so sharing is safe)."""
+    return create_fr_model(name, device)

@@ -1,0 +1,216 @@
+"""Shared machinery of pixel-space adversarial protection against face recognition.
+
+An attack perturbs a photo ``x`` (``1×3×H×W`` in [0, 1]) so that the surrogate FR models' embeddings of its
+faces move away from the originals (dodging) or toward a target identity (impersonation). The FR crops are
+taken with the differentiable alignment, so gradients land on the photo's own pixels. Methods in
+:mod:`faceshield.methods` combine these parts; they never import each other.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from faceshield.faces.masks import face_mask_from_landmarks, gaussian_blur
+from faceshield.models.ensemble import FREnsemble
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Region:
+    """The part of a photo an attack works on: rows ``y0:y1``, columns ``x0:x1``."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    def crop(self, image: torch.Tensor) -> torch.Tensor:
+        return image[..., self.y0 : self.y1, self.x0 : self.x1]
+
+    def shift(self, landmarks: torch.Tensor) -> torch.Tensor:
+        return landmarks - landmarks.new_tensor([self.x0, self.y0])
+
+    def paste(self, image: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+        out = image.clone()
+        out[..., self.y0 : self.y1, self.x0 : self.x1] = crop
+        return out
+
+
+def face_region(image_size: tuple[int, int], landmarks: torch.Tensor, margin: float = 1.0) -> Region:
+    """Bounding box of every face with a margin of ``margin`` × the face size on each side, clipped to the image.
+
+    The FR crops of the zoo reach at most about one face size beyond the landmarks (faceres' loose crop), so a
+    margin of 1.0 contains every pixel any surrogate sees.
+    """
+    h, w = image_size
+    lo = landmarks.amin(dim=1)  # F×2
+    hi = landmarks.amax(dim=1)
+    extent = (hi - lo).amax(dim=1, keepdim=True).clamp(min=8.0)  # F×1, face size
+    lo = (lo - margin * extent).amin(dim=0)
+    hi = (hi + margin * extent).amax(dim=0)
+    x0, y0 = max(0, int(lo[0].floor())), max(0, int(lo[1].floor()))
+    x1, y1 = min(w, int(hi[0].ceil()) + 1), min(h, int(hi[1].ceil()) + 1)
+    return Region(y0, y1, x0, x1)
+
+
+class IdentityObjective:
+    """Loss over a surrogate ensemble; lower is better for the protector.
+
+    Dodging: for each model m and face f, ``relu(cos(E_m(x̂_f), E_m(x_f)) − (t_m − margin))`` — the similarity
+    to the face's own original embedding, counted only while above the model's threshold ``t_m`` minus a
+    margin (so effort goes to the models not yet fooled). Without thresholds, the plain cosine.
+    Impersonation: ``relu((t_m + margin) − cos(E_m(x̂_f), E_m(target)))``, or the negative cosine.
+    The loss is the mean over models and faces.
+    """
+
+    def __init__(
+        self,
+        ensemble: FREnsemble,
+        image: torch.Tensor,
+        landmarks: torch.Tensor,
+        target: dict[str, torch.Tensor] | None = None,
+        thresholds: dict[str, float] | None = None,
+        margin: float = 0.1,
+    ):
+        self.ensemble = ensemble
+        self.landmarks = landmarks
+        self.target = target
+        self.thresholds = thresholds
+        self.margin = margin
+        with torch.no_grad():
+            self.original = ensemble(image, landmarks)
+
+    def similarities(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{model: F}`` cosine of each face to its reference (own original, or the target)."""
+        embeddings = self.ensemble(image, self.landmarks)
+        if self.target is None:
+            return {n: (e * self.original[n]).sum(-1) for n, e in embeddings.items()}
+        return {n: (e * self.target[n].to(e)).sum(-1) for n, e in embeddings.items()}
+
+    def loss(self, sims: dict[str, torch.Tensor]) -> torch.Tensor:
+        terms = []
+        for name, s in sims.items():
+            if self.thresholds is None:
+                terms.append(s.mean() if self.target is None else -s.mean())
+            elif self.target is None:
+                terms.append(F.relu(s - (self.thresholds[name] - self.margin)).mean())
+            else:
+                terms.append(F.relu((self.thresholds[name] + self.margin) - s).mean())
+        return torch.stack(terms).mean()
+
+    def succeeded(self, sims: dict[str, torch.Tensor]) -> bool:
+        """Every face past every model's threshold with the margin (only meaningful with thresholds)."""
+        if self.thresholds is None:
+            return False
+        if self.target is None:
+            return all(bool((s < self.thresholds[n] - self.margin).all()) for n, s in sims.items())
+        return all(bool((s > self.thresholds[n] + self.margin).all()) for n, s in sims.items())
+
+
+def texture_budget(image: torch.Tensor, epsilon: float, floor: float = 0.5, sigma: float = 2.0) -> torch.Tensor:
+    """Per-pixel L∞ budget ``1×1×H×W``: ``epsilon`` in textured areas, down to ``floor·epsilon`` on smooth ones.
+
+    Noise is far less visible on texture (hair, eyebrows, edges) than on smooth skin or sky (contrast masking,
+    the basis of JND models). The local standard deviation of luma over a Gaussian window of ``sigma`` px,
+    divided by its 75th percentile over the image, scales the budget within ``[floor, 1]``.
+    """
+    luma = (0.299 * image[:, 0:1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:3]).detach()
+    mean = gaussian_blur(luma, sigma)
+    std = (gaussian_blur(luma * luma, sigma) - mean * mean).clamp(min=0).sqrt()
+    reference = torch.quantile(std.flatten(), 0.75).clamp(min=1e-4)
+    return epsilon * (std / reference).clamp(floor, 1.0)
+
+
+def sign_attack(
+    image: torch.Tensor,
+    objective: IdentityObjective,
+    budget: torch.Tensor | float,
+    steps: int,
+    step_size: float,
+    momentum: float = 0.0,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
+    check_every: int = 0,
+    generator: torch.Generator | None = None,
+    random_start: bool = False,
+) -> tuple[torch.Tensor, int, dict[str, list[float]]]:
+    """Iterative sign-gradient attack (PGD; MI-FGSM with ``momentum`` > 0) under a per-pixel L∞ ``budget``.
+
+    Args:
+        image: ``1×3×h×w`` in [0, 1] (the region the objective's landmarks refer to).
+        objective: what to minimise.
+        budget: L∞ bound, a float or a ``1×1×h×w`` / ``1×3×h×w`` map.
+        steps, step_size: iterations and the step of each, in [0, 1] pixel units.
+        momentum: decay of the accumulated L1-normalised gradient (0 = plain PGD).
+        transform: applied to the perturbed image before the objective each step (EOT / input diversity).
+        mask: ``1×1×h×w`` in [0, 1]; the perturbation is multiplied by it (0 = pixel untouched).
+        check_every: every this many steps, stop early once ``objective.succeeded`` on the untransformed image.
+        random_start: start from uniform noise in the budget (Madry et al.'s PGD).
+
+    Returns:
+        ``(protected image, steps run, history of loss per step)``.
+    """
+    budget_t = torch.as_tensor(budget, dtype=image.dtype, device=image.device)
+    if mask is not None:
+        budget_t = budget_t * mask
+    delta = torch.zeros_like(image)
+    if random_start:
+        delta = (torch.rand(image.shape, generator=generator, device=image.device) * 2 - 1) * budget_t
+    velocity = torch.zeros_like(image)
+    history: dict[str, list[float]] = {"loss": []}
+    done = 0
+    for step in range(steps):
+        delta.requires_grad_(True)
+        adv = (image + delta).clamp(0, 1)
+        sims = objective.similarities(transform(adv) if transform is not None else adv)
+        loss = objective.loss(sims)
+        (grad,) = torch.autograd.grad(loss, delta)
+        history["loss"].append(float(loss))
+        done = step + 1
+        with torch.no_grad():
+            if momentum > 0:
+                velocity = momentum * velocity + grad / grad.abs().mean().clamp(min=1e-12)
+                direction = velocity.sign()
+            else:
+                direction = grad.sign()
+            delta = torch.maximum(torch.minimum(delta - step_size * direction, budget_t), -budget_t)
+            delta = (image + delta).clamp(0, 1) - image
+        if check_every and done % check_every == 0:
+            with torch.no_grad():
+                if objective.succeeded(objective.similarities((image + delta).clamp(0, 1))):
+                    break
+    return (image + delta).clamp(0, 1).detach(), done, history
+
+
+def surrogate_ensemble(names: tuple[str, ...] | list[str], device: str | torch.device = "cpu",
+                       far: float = 1e-2) -> tuple[FREnsemble, dict[str, float]]:
+    """The surrogate models (empty → the calibrated strong models) and their thresholds at ``far``."""
+    from faceshield.eval.calibration import shipped_table
+    from faceshield.models.registry import cached_fr_model
+
+    table = shipped_table()
+    names = list(names) or table.strong_models()
+    ensemble = FREnsemble([cached_fr_model(n, str(device)) for n in names])
+    thresholds = {n: table.models[n].threshold(far) for n in names if n in table.models}
+    return ensemble, thresholds if len(thresholds) == len(names) else {}
+
+
+def input_diversity(x: torch.Tensor, probability: float = 0.5, max_shift: float = 0.03,
+                    scale_range: tuple[float, float] = (0.9, 1.1), generator: torch.Generator | None = None
+                    ) -> torch.Tensor:
+    """Input diversity (Xie et al. 2019) that keeps the image size: with ``probability``, rescale the content by a
+    random factor in ``scale_range`` about the centre and shift it by up to ``max_shift`` of the size (borders
+    replicated). With fixed landmarks this is also a small alignment jitter, which is what transfers."""
+    if float(torch.rand((), generator=generator)) >= probability:
+        return x
+    scale = scale_range[0] + (scale_range[1] - scale_range[0]) * float(torch.rand((), generator=generator))
+    shift = (torch.rand(2, generator=generator) * 2 - 1) * max_shift * 2  # grid units span 2
+    theta = x.new_tensor([[1 / scale, 0, float(shift[0])], [0, 1 / scale, float(shift[1])]]).unsqueeze(0)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

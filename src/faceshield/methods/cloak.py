@@ -1,0 +1,98 @@
+"""faceshield's default protector, ``cloak``: an invisible, robust perturbation of the photo's own pixels.
+
+Gradients of a surrogate FR ensemble reach the photo through the differentiable alignment. The perturbation
+lives only on the face (a feathered ellipse from the landmarks), under a texture-adaptive L∞ budget (full ε on
+textured pixels, down to ``texture_floor``·ε on smooth skin, where noise shows most), and is optimised with
+momentum over random JPEG / resize / blur transforms (expectation over transformation), so that it survives
+the recompression of social networks. It stops as soon as every surrogate is past its calibrated threshold
+by a margin. Dodging by default; impersonation when given a target's embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from faceshield.adversarial import (
+    IdentityObjective, face_region, sign_attack, surrogate_ensemble, texture_budget,
+)
+from faceshield.augment import RandomTransforms
+from faceshield.errors import FaceshieldError
+from faceshield.faces.masks import face_mask_from_landmarks
+from faceshield.methods.base import ProtectionMethod, ProtectionResult, check_photo, register_method
+
+
+@dataclass
+class CloakConfig:
+    """Settings of ``cloak``; :data:`STRENGTHS` holds the presets (``mid`` is the default).
+
+    Attributes:
+        epsilon: largest per-pixel change (L∞, [0, 1] units) on textured pixels.
+        texture_floor: fraction of ``epsilon`` allowed on the smoothest pixels.
+        steps: most iterations (fewer when every surrogate is fooled early).
+        step_size: per-step change; 0 = ``epsilon / 4``.
+        momentum: MI-FGSM decay of the normalised gradient.
+        margin: cosine margin past each surrogate's FAR-1e-2 threshold before stopping.
+        mask_scale: size of the face ellipse the perturbation is confined to (1 = forehead to chin).
+        eot: optimise over random JPEG (q 50–95), resize (×0.5–1) and blur (σ ≤ 1) transforms.
+        check_every: how often (steps) to test for early success.
+        surrogates: FR models attacked; empty = the calibrated strong models.
+        seed, device: randomness and where to run.
+    """
+
+    epsilon: float = 6 / 255
+    texture_floor: float = 0.5
+    steps: int = 40
+    step_size: float = 0.0
+    momentum: float = 0.9
+    margin: float = 0.1
+    mask_scale: float = 1.2
+    eot: bool = True
+    check_every: int = 5
+    surrogates: tuple[str, ...] = ()
+    seed: int = 0
+    device: str = "cpu"
+
+
+STRENGTHS: dict[str, dict] = {
+    "low": {"epsilon": 4 / 255, "steps": 30, "margin": 0.05},
+    "mid": {},
+    "high": {"epsilon": 8 / 255, "steps": 80, "margin": 0.15, "texture_floor": 0.75},
+}
+
+
+def cloak_config(strength: str = "mid", **overrides) -> CloakConfig:
+    """The preset ``strength`` (low | mid | high) with ``overrides`` applied."""
+    if strength not in STRENGTHS:
+        raise FaceshieldError(f"unknown strength {strength!r}; choose from: {', '.join(STRENGTHS)}")
+    return dataclasses.replace(CloakConfig(), **{**STRENGTHS[strength], **overrides})
+
+
+@register_method
+class Cloak(ProtectionMethod):
+    name = "cloak"
+    Config = CloakConfig
+    goals = ("fr-dodging", "fr-impersonation")
+
+    def __init__(self, config: CloakConfig | None = None):
+        super().__init__(config)
+        self.ensemble, self.thresholds = surrogate_ensemble(self.config.surrogates, self.config.device)
+
+    def protect(self, image, landmarks, target=None) -> ProtectionResult:
+        check_photo(image, landmarks)
+        cfg = self.config
+        # Work on the faces' neighbourhood only: the surrogates never look further, and it keeps big photos cheap.
+        region = face_region(tuple(image.shape[-2:]), landmarks)
+        x, lm = region.crop(image), region.shift(landmarks.to(image))
+        objective = IdentityObjective(self.ensemble, x, lm, target, self.thresholds or None, cfg.margin)
+        mask = face_mask_from_landmarks(lm, tuple(x.shape[-2:]), scale=cfg.mask_scale, softness=0.25)
+        mask = mask.amax(dim=0, keepdim=True)
+        budget = texture_budget(x, cfg.epsilon, cfg.texture_floor)
+        transform = RandomTransforms(seed=cfg.seed) if cfg.eot else None
+        out, steps, history = sign_attack(
+            x, objective, budget, cfg.steps, cfg.step_size or cfg.epsilon / 4, momentum=cfg.momentum,
+            transform=transform, mask=mask, check_every=cfg.check_every,
+        )
+        return ProtectionResult(region.paste(image, out), steps, history)

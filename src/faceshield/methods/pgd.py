@@ -1,0 +1,54 @@
+"""Baseline: plain PGD (Madry et al. 2018) under L∞ ε = 8/255 on the whole photo, against the surrogate ensemble."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from faceshield.adversarial import IdentityObjective, sign_attack, surrogate_ensemble
+from faceshield.methods.base import ProtectionMethod, ProtectionResult, check_photo, register_method
+
+
+@dataclass
+class PGDConfig:
+    """Plain projected gradient descent.
+
+    Attributes:
+        epsilon: L∞ bound in [0, 1] pixel units (8/255, the literature's standard).
+        steps: iterations.
+        step_size: per-step change (2/255, Madry et al.'s α = ε/4).
+        random_start: start from uniform noise inside the bound.
+        surrogates: FR models attacked; empty = the calibrated strong models.
+        seed: random start seed.
+        device: where to run.
+    """
+
+    epsilon: float = 8 / 255
+    steps: int = 20
+    step_size: float = 2 / 255
+    random_start: bool = True
+    surrogates: tuple[str, ...] = ()
+    seed: int = 0
+    device: str = "cpu"
+
+
+@register_method
+class PGD(ProtectionMethod):
+    name = "pgd"
+    Config = PGDConfig
+    goals = ("fr-dodging", "fr-impersonation")
+
+    def __init__(self, config: PGDConfig | None = None):
+        super().__init__(config)
+        self.ensemble, self.thresholds = surrogate_ensemble(self.config.surrogates, self.config.device)
+
+    def protect(self, image, landmarks, target=None) -> ProtectionResult:
+        check_photo(image, landmarks)
+        cfg = self.config
+        # Plain PGD: no thresholds and margins, just the raw cosine objective for the full number of steps.
+        objective = IdentityObjective(self.ensemble, image, landmarks, target)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        out, steps, history = sign_attack(image, objective, cfg.epsilon, cfg.steps, cfg.step_size,
+                                          generator=generator, random_start=cfg.random_start)
+        return ProtectionResult(out, steps, history)
