@@ -139,6 +139,7 @@ def sign_attack(
     check_every: int = 0,
     generator: torch.Generator | None = None,
     random_start: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, int, dict[str, list[float]]]:
     """Iterative sign-gradient attack (PGD; MI-FGSM with ``momentum`` > 0) under a per-pixel L∞ ``budget``.
 
@@ -152,6 +153,7 @@ def sign_attack(
         mask: ``1×1×h×w`` in [0, 1]; the perturbation is multiplied by it (0 = pixel untouched).
         check_every: every this many steps, stop early once ``objective.succeeded`` on the untransformed image.
         random_start: start from uniform noise in the budget (Madry et al.'s PGD).
+        progress: called as ``progress(step, steps)`` after each step.
 
     Returns:
         ``(protected image, steps run, history of loss per step)``.
@@ -181,6 +183,8 @@ def sign_attack(
                 direction = grad.sign()
             delta = torch.maximum(torch.minimum(delta - step_size * direction, budget_t), -budget_t)
             delta = (image + delta).clamp(0, 1) - image
+        if progress is not None:
+            progress(done, steps)
         if check_every and done % check_every == 0:
             with torch.no_grad():
                 if objective.succeeded(objective.similarities((image + delta).clamp(0, 1))):

@@ -242,6 +242,124 @@ def calibrate(pairs_dir: Path, model_names: str, limit: int | None, detector: st
     _emit(as_json, json.loads(table.to_json()), table.markdown())
 
 
+# --- protect --------------------------------------------------------------------------------------------------
+def parse_overrides(config_class: type, items: tuple[str, ...]) -> dict:
+    """``key=value`` strings → typed config overrides (ints, floats, bools, comma-separated tuples)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    known = {f.name for f in dataclasses.fields(config_class)}
+    overrides = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        kind = hints[key]
+        try:
+            if kind is bool:
+                value = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif kind in (int, float):
+                value = kind(eval_fraction(raw) if kind is float else raw)
+            elif typing.get_origin(kind) is tuple:
+                value = tuple(v.strip() for v in raw.split(",") if v.strip())
+            else:
+                value = raw
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: {key} needs a {getattr(kind, '__name__', kind)}") from None
+        overrides[key] = value
+    return overrides
+
+
+def eval_fraction(raw: str) -> float:
+    """'8/255' or '0.03' → float."""
+    num, sep, den = raw.partition("/")
+    return float(num) / float(den) if sep else float(raw)
+
+
+def build_method(method: str, strength: str, surrogates: str | None, settings: tuple[str, ...]):
+    from faceshield.methods.base import create_method, get_method_class
+
+    cls = get_method_class(method)
+    overrides = parse_overrides(cls.Config, settings)
+    if surrogates:
+        overrides["surrogates"] = tuple(s.strip() for s in surrogates.split(",") if s.strip())
+    if method == "cloak":
+        from faceshield.methods.cloak import STRENGTHS
+
+        overrides = {**STRENGTHS[strength], **overrides}
+    return create_method(method, **overrides)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
+              help="Output folder (default: beside each photo, as <name>_protected.<ext>).")
+@click.option("--method", default="cloak", help="Protection method (`faceshield methods` lists them).")
+@click.option("--strength", type=click.Choice(["low", "mid", "high"]), default="mid", help="Preset of cloak.")
+@click.option("--target", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Impersonate the person in this photo instead of just hiding identity.")
+@click.option("--surrogates", help="Comma-separated FR models to attack (default: the calibrated strong models).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a method setting, e.g. "
+              "--set epsilon=4/255 --set steps=60 (repeatable).")
+@click.option("--keep-metadata", is_flag=True, help="Keep EXIF/GPS and ICC data (stripped by default).")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, help="Quality of JPEG outputs.")
+@click.option("--overwrite", is_flag=True, help="Redo photos whose output already exists.")
+@click.option("--log", "log_path", type=click.Path(path_type=Path), help="JSON-lines log of every photo "
+              "(default: faceshield-log.jsonl in the output folder, or none without -o).")
+@click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print every photo's record as one JSON document.")
+def protect(inputs, output, method, strength, target, surrogates, settings, keep_metadata, jpeg_quality,
+            overwrite, log_path, detector, quiet, as_json) -> None:
+    """Protect the faces in INPUTS (photos or folders) from face recognition.
+
+    Exit code 1 if any photo failed (the others are still written).
+    """
+    from dataclasses import asdict
+
+    from faceshield.faces.detect import create_detector
+    from faceshield.protect import Protector, protect_paths
+
+    protector = Protector(build_method(method, strength, surrogates, settings), create_detector(detector),
+                          target, keep_metadata, jpeg_quality)
+    if log_path is None and output is not None:
+        log_path = output / "faceshield-log.jsonl"
+    records = protect_paths(list(inputs), protector, output, overwrite, log_path, progress=not quiet and not as_json)
+    failed = [r for r in records if r.status == "failed"]
+    lines = []
+    for r in records:
+        if r.status == "protected":
+            sims = ", ".join(f"{m} {v['before'][0]:.2f}→{v['after'][0]:.2f}" for m, v in r.similarity.items())
+            lines.append(f"ok    {r.input} -> {r.output} ({r.faces} face(s), {r.seconds:.1f} s; similarity {sims})")
+        elif r.status == "skipped":
+            lines.append(f"skip  {r.input} (output exists: {r.output}; --overwrite to redo)")
+    lines += [f"FAIL  {r.error}" for r in failed]
+    done = sum(r.status == "protected" for r in records)
+    lines.append(f"{done} protected, {len(records) - done - len(failed)} skipped, {len(failed)} failed")
+    _emit(as_json, {"photos": [asdict(r) for r in records], "failed": len(failed)}, "\n".join(lines))
+    if failed:
+        raise SystemExit(1)
+
+
+@cli.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def methods_cmd(as_json: bool) -> None:
+    """List the protection methods and their default settings."""
+    import dataclasses
+
+    from faceshield.methods.base import get_method_class, list_methods
+
+    info = {}
+    for name in list_methods():
+        cls = get_method_class(name)
+        summary = (sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0]
+        info[name] = {"goals": list(cls.goals), "defaults": dataclasses.asdict(cls.Config()), "summary": summary}
+    lines = [f"{n:<8} {v['summary']}" for n, v in info.items()]
+    _emit(as_json, info, "\n".join(lines))
+
+
 def main() -> None:
     cli(prog_name="faceshield")
 

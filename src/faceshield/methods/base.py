@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -47,7 +47,11 @@ class ProtectionMethod(ABC):
 
     @abstractmethod
     def protect(
-        self, image: torch.Tensor, landmarks: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+        self,
+        image: torch.Tensor,
+        landmarks: torch.Tensor,
+        target: dict[str, torch.Tensor] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> ProtectionResult:
         """Protect every face of one photo.
 
@@ -56,6 +60,7 @@ class ProtectionMethod(ABC):
             landmarks: ``F×5×2`` landmark pixels of the F faces to protect.
             target: for impersonation, the target identity's embeddings ``{surrogate name: 1×D}``
                 (from the method's own surrogate models); None for dodging.
+            progress: called as ``progress(step, total)`` after each optimisation step.
         """
 
     def config_dict(self) -> dict:

@@ -80,7 +80,7 @@ class Cloak(ProtectionMethod):
         super().__init__(config)
         self.ensemble, self.thresholds = surrogate_ensemble(self.config.surrogates, self.config.device)
 
-    def protect(self, image, landmarks, target=None) -> ProtectionResult:
+    def protect(self, image, landmarks, target=None, progress=None) -> ProtectionResult:
         check_photo(image, landmarks)
         cfg = self.config
         # Work on the faces' neighbourhood only: the surrogates never look further, and it keeps big photos cheap.
@@ -93,6 +93,6 @@ class Cloak(ProtectionMethod):
         transform = RandomTransforms(seed=cfg.seed) if cfg.eot else None
         out, steps, history = sign_attack(
             x, objective, budget, cfg.steps, cfg.step_size or cfg.epsilon / 4, momentum=cfg.momentum,
-            transform=transform, mask=mask, check_every=cfg.check_every,
+            transform=transform, mask=mask, check_every=cfg.check_every, progress=progress,
         )
         return ProtectionResult(region.paste(image, out), steps, history)

@@ -43,12 +43,12 @@ class PGD(ProtectionMethod):
         super().__init__(config)
         self.ensemble, self.thresholds = surrogate_ensemble(self.config.surrogates, self.config.device)
 
-    def protect(self, image, landmarks, target=None) -> ProtectionResult:
+    def protect(self, image, landmarks, target=None, progress=None) -> ProtectionResult:
         check_photo(image, landmarks)
         cfg = self.config
         # Plain PGD: no thresholds and margins, just the raw cosine objective for the full number of steps.
         objective = IdentityObjective(self.ensemble, image, landmarks, target)
         generator = torch.Generator().manual_seed(cfg.seed)
         out, steps, history = sign_attack(image, objective, cfg.epsilon, cfg.steps, cfg.step_size,
-                                          generator=generator, random_start=cfg.random_start)
+                                          generator=generator, random_start=cfg.random_start, progress=progress)
         return ProtectionResult(out, steps, history)

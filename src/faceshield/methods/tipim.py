@@ -50,7 +50,7 @@ class TIPIM(ProtectionMethod):
         super().__init__(config)
         self.ensemble, self.thresholds = surrogate_ensemble(self.config.surrogates, self.config.device)
 
-    def protect(self, image, landmarks, target=None) -> ProtectionResult:
+    def protect(self, image, landmarks, target=None, progress=None) -> ProtectionResult:
         check_photo(image, landmarks)
         cfg = self.config
         objective = IdentityObjective(self.ensemble, image, landmarks, target)
@@ -58,5 +58,5 @@ class TIPIM(ProtectionMethod):
         step = cfg.step_size or cfg.epsilon / cfg.steps * 2.5
         transform = partial(input_diversity, probability=cfg.diversity_probability, generator=generator)
         out, steps, history = sign_attack(image, objective, cfg.epsilon, cfg.steps, step,
-                                          momentum=cfg.momentum, transform=transform)
+                                          momentum=cfg.momentum, transform=transform, progress=progress)
         return ProtectionResult(out, steps, history)
