@@ -1,0 +1,1 @@
+"""The faceshield command line."""

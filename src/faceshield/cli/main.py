@@ -360,6 +360,58 @@ def methods_cmd(as_json: bool) -> None:
     _emit(as_json, info, "\n".join(lines))
 
 
+# --- evaluate -------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--methods", default="cloak@mid,pgd,tip-im", help="Comma-separated method specs; name@strength "
+              "for cloak presets (e.g. cloak@low,cloak@mid,cloak@high).")
+@click.option("--pairs", "pairs_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default="../shared/data/celebahq-pairs", help="Folder of identity pairs train/N + test/N.")
+@click.option("--targets", "targets_dir", type=click.Path(path_type=Path, file_okay=False),
+              default="../shared/data/targets", help="Impersonation targets (target/, test/, pairs.csv); "
+              "'none' to skip.")
+@click.option("--n-pairs", type=int, default=100, help="Dodging pairs.")
+@click.option("--n-per-target", type=int, default=25, help="Impersonation sources per target (0 = skip).")
+@click.option("--judges", default="", help="Comma-separated held-out judge models (default: calibrated strong).")
+@click.option("--no-robustness", is_flag=True, help="Skip the JPEG / resize / blur measurements.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method setting for every method "
+              "that has it, e.g. --set steps=20.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default="faceshield-eval",
+              help="Folder for report.json and report.html.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, no_robustness, settings, output,
+             quiet, as_json) -> None:
+    """Measure protection the way the literature does: leave-one-out black-box PSR, quality, speed, robustness."""
+    from faceshield.eval.protocol import EvalConfig
+    from faceshield.eval.protocol import evaluate as run_protocol
+    from faceshield.eval.report import to_json, write_report
+    from faceshield.methods.cloak import CloakConfig
+
+    specs = tuple(m.strip() for m in methods.split(",") if m.strip())
+    config = EvalConfig(
+        methods=specs, pairs_dir=pairs_dir,
+        targets_dir=None if str(targets_dir) == "none" else targets_dir,
+        n_pairs=n_pairs, n_per_target=n_per_target,
+        judges=tuple(j.strip() for j in judges.split(",") if j.strip()),
+        robustness=not no_robustness,
+        # typed like cloak's settings; each method takes the ones it has
+        settings=parse_overrides(CloakConfig, settings) if settings else {},
+    )
+    result = run_protocol(config, progress=not quiet and not as_json)
+    result["config"]["command"] = "faceshield " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    json_path, html_path = write_report(result, output)
+    if as_json:
+        click.echo(to_json(result))
+        return
+    lines = [f"report: {html_path}  (data: {json_path})"]
+    for spec, r in result["methods"].items():
+        psr = [v["dodging"]["0.01"] for v in r["judges"].values()]
+        q = r["quality"]
+        lines.append(f"{spec:<12} dodging PSR@1e-2 {100 * sum(psr) / len(psr):5.1f}%  PSNR {q['psnr']:.1f} dB  "
+                     f"SSIM {q['ssim']:.3f}  {q['seconds']:.1f} s/photo")
+    click.echo("\n".join(lines))
+
+
 def main() -> None:
     cli(prog_name="faceshield")
 

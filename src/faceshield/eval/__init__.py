@@ -1,0 +1,1 @@
+"""Evaluation: calibration, verification, the FR-protection protocol, quality metrics and reports."""

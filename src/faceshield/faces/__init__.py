@@ -1,0 +1,1 @@
+"""Face detection, alignment to FR templates, face masks and paste-back."""

@@ -54,19 +54,19 @@ WEIGHTS_ASSET = "dlib/dlib_face_recognition_resnet_model_v1.dat"
 # averages stored in the .dat file (checked against it when the network is built).
 DLIB_AVG_RGB = (122.782, 117.001, 104.298)
 
-# Where dlib.get_face_chip(img, shape_5pt, size=150, padding=0.25) puts the 5 standard landmarks, in
-# 150×150 chip pixels (pixel centres at integers). Measured, not taken from dlib's internals: on the first
-# 50 faces of celebahq-pairs/train (conftest.pair_ids order), HOG detector + 68-point predictor → eye centres
-# (mean of each eye's 6 points), nose tip (point 30), mouth corners (48, 54), mapped into the chip by the
-# transform of get_face_chip_details(5-point shape, 150, 0.25) and averaged. Spread across faces (std):
-# eyes 1.1–1.2 px, nose 3.6–5.3 px, mouth corners 5.4–6.6 px (expression, yaw). Recipe:
-# derive_dlib_chip_template() in tests/test_dlib_resnet.py.
+# Where dlib.get_face_chip(img, shape_5pt, size=150, padding=0.25) puts the 5 landmarks of faceshield's
+# default detector (RetinaFace), in 150×150 chip pixels (pixel centres at integers). Measured: on the first
+# 50 faces of celebahq-pairs/train (conftest.pair_ids order), RetinaFace's 5 points mapped into the chip by
+# the transform of get_face_chip_details(HOG detection + 5-point predictor, 150, 0.25), averaged. Spread
+# across faces (std): eyes 1.2–1.8 px, nose 3–5 px, mouth corners 4.6–5.2 px. Points from dlib's 68-point
+# predictor instead (eye centres = mean of the 6 eye points) sit ~1.8 px lower at the eyes; the recipe for
+# those is derive_dlib_chip_template() in tests/test_dlib_resnet.py.
 DLIB_CHIP_150: tuple[tuple[float, float], ...] = (
-    (47.11, 45.98),
-    (100.02, 46.13),
-    (74.05, 77.11),
-    (50.28, 101.50),
-    (98.04, 101.64),
+    (47.16, 44.13),
+    (100.60, 44.42),
+    (73.78, 77.59),
+    (51.12, 99.45),
+    (97.53, 99.59),
 )
 
 
