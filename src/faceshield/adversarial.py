@@ -62,11 +62,12 @@ def face_region(image_size: tuple[int, int], landmarks: torch.Tensor, margin: fl
 class IdentityObjective:
     """Loss over a surrogate ensemble; lower is better for the protector.
 
-    Dodging: for each model m and face f, ``relu(cos(E_m(x̂_f), E_m(x_f)) − (t_m − margin))`` — the similarity
-    to the face's own original embedding, counted only while above the model's threshold ``t_m`` minus a
-    margin (so effort goes to the models not yet fooled). Without thresholds, the plain cosine.
-    Impersonation: ``relu((t_m + margin) − cos(E_m(x̂_f), E_m(target)))``, or the negative cosine.
-    The loss is the mean over models and faces.
+    Each model's cosine is put on a common scale first: ``z = (cos − t_m) / (1 − t_m)`` with ``t_m`` the model's
+    calibrated threshold, so 0 is the decision boundary and 1 a perfect match whatever the model's own spread
+    (dlib's cosines of different people are ~0.8, MobileFaceNet's ~0). Dodging: ``relu(z + margin)`` of each
+    face's similarity to its own original embedding, counted until it is ``margin`` below the boundary (so
+    effort goes to the models not yet fooled). Impersonation: ``relu(margin − z)`` toward the target.
+    Without thresholds, the plain (negative) cosine. The loss is the mean over models and faces.
     """
 
     def __init__(
@@ -93,24 +94,29 @@ class IdentityObjective:
             return {n: (e * self.original[n]).sum(-1) for n, e in embeddings.items()}
         return {n: (e * self.target[n].to(e)).sum(-1) for n, e in embeddings.items()}
 
+    def scaled(self, name: str, s: torch.Tensor) -> torch.Tensor:
+        """``(cos − t) / (1 − t)``: 0 at the model's threshold, 1 at a perfect match."""
+        t = self.thresholds[name]
+        return (s - t) / (1.0 - t)
+
     def loss(self, sims: dict[str, torch.Tensor]) -> torch.Tensor:
         terms = []
         for name, s in sims.items():
             if self.thresholds is None:
                 terms.append(s.mean() if self.target is None else -s.mean())
             elif self.target is None:
-                terms.append(F.relu(s - (self.thresholds[name] - self.margin)).mean())
+                terms.append(F.relu(self.scaled(name, s) + self.margin).mean())
             else:
-                terms.append(F.relu((self.thresholds[name] + self.margin) - s).mean())
+                terms.append(F.relu(self.margin - self.scaled(name, s)).mean())
         return torch.stack(terms).mean()
 
     def succeeded(self, sims: dict[str, torch.Tensor]) -> bool:
-        """Every face past every model's threshold with the margin (only meaningful with thresholds)."""
+        """Every face past every model's threshold by the margin (only meaningful with thresholds)."""
         if self.thresholds is None:
             return False
         if self.target is None:
-            return all(bool((s < self.thresholds[n] - self.margin).all()) for n, s in sims.items())
-        return all(bool((s > self.thresholds[n] + self.margin).all()) for n, s in sims.items())
+            return all(bool((self.scaled(n, s) < -self.margin).all()) for n, s in sims.items())
+        return all(bool((self.scaled(n, s) > self.margin).all()) for n, s in sims.items())
 
 
 def texture_budget(image: torch.Tensor, epsilon: float, floor: float = 0.5, sigma: float = 2.0) -> torch.Tensor:
@@ -173,7 +179,7 @@ def sign_attack(
         sims = objective.similarities(transform(adv) if transform is not None else adv)
         loss = objective.loss(sims)
         (grad,) = torch.autograd.grad(loss, delta)
-        history["loss"].append(float(loss))
+        history["loss"].append(loss.item())
         done = step + 1
         with torch.no_grad():
             if momentum > 0:
@@ -194,12 +200,12 @@ def sign_attack(
 
 def surrogate_ensemble(names: tuple[str, ...] | list[str], device: str | torch.device = "cpu",
                        far: float = 1e-2) -> tuple[FREnsemble, dict[str, float]]:
-    """The surrogate models (empty → the calibrated strong models) and their thresholds at ``far``."""
+    """The surrogate models (empty → every calibrated model with AUC ≥ 0.9) and their thresholds at ``far``."""
     from faceshield.eval.calibration import shipped_table
     from faceshield.models.registry import cached_fr_model
 
     table = shipped_table()
-    names = list(names) or table.strong_models()
+    names = list(names) or table.surrogate_models()
     ensemble = FREnsemble([cached_fr_model(n, str(device)) for n in names])
     thresholds = {n: table.models[n].threshold(far) for n in names if n in table.models}
     return ensemble, thresholds if len(thresholds) == len(names) else {}

@@ -300,7 +300,7 @@ def build_method(method: str, strength: str, surrogates: str | None, settings: t
 @click.option("--strength", type=click.Choice(["low", "mid", "high"]), default="mid", help="Preset of cloak.")
 @click.option("--target", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Impersonate the person in this photo instead of just hiding identity.")
-@click.option("--surrogates", help="Comma-separated FR models to attack (default: the calibrated strong models).")
+@click.option("--surrogates", help="Comma-separated FR models to attack (default: calibrated models with AUC ≥ 0.9).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a method setting, e.g. "
               "--set epsilon=4/255 --set steps=60 (repeatable).")
 @click.option("--keep-metadata", is_flag=True, help="Keep EXIF/GPS and ICC data (stripped by default).")

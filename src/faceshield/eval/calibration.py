@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 FARS = (1e-2, 1e-3)
 WEAK_AUC = 0.95
+SURROGATE_AUC = 0.9
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,12 @@ class CalibrationTable:
         write_text_atomic(path, self.to_json() + "\n")
 
     def strong_models(self) -> list[str]:
+        """Models that separate identities well (AUC ≥ 0.95): verification and judging."""
         return sorted(name for name, cal in self.models.items() if not cal.weak)
+
+    def surrogate_models(self) -> list[str]:
+        """Models worth attacking (AUC ≥ 0.9): weaker than judges but still carrying identity features."""
+        return sorted(name for name, cal in self.models.items() if cal.auc >= SURROGATE_AUC)
 
     def markdown(self) -> str:
         fars = sorted({k for cal in self.models.values() for k in cal.thresholds}, key=float, reverse=True)

@@ -185,7 +185,7 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
         per_judge = {}
         quality = {"psnr": [], "ssim": [], "brisque": [], "seconds": []}
         for j in judges:
-            surrogates = tuple(m for m in judges if m != j)
+            surrogates = tuple(m for m in table.surrogate_models() if m != j)
             method = _build(spec, surrogates, config.settings)
             dodge = {"sims": [], **{k: [] for k in ROBUSTNESS}}
             for p in tqdm(dodge_ids, desc=f"{spec} dodging, judge {j}", disable=not progress):

@@ -19,7 +19,7 @@ class PGDConfig:
         steps: iterations.
         step_size: per-step change (2/255, Madry et al.'s α = ε/4).
         random_start: start from uniform noise inside the bound.
-        surrogates: FR models attacked; empty = the calibrated strong models.
+        surrogates: FR models attacked; empty = every calibrated model with AUC ≥ 0.9.
         seed: random start seed.
         device: where to run.
     """

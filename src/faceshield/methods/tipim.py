@@ -26,7 +26,7 @@ class TIPIMConfig:
         steps: iterations; step_size = epsilon / steps · 2.5 unless given (> 0).
         momentum: decay μ of MI-FGSM.
         diversity_probability: chance each step of a random rescale (×0.9–1.1) and shift (≤ 3 %).
-        surrogates: FR models attacked; empty = the calibrated strong models.
+        surrogates: FR models attacked; empty = every calibrated model with AUC ≥ 0.9.
         seed, device: randomness and where to run.
     """
 
