@@ -27,7 +27,11 @@ samples/astronaut.png: | install
 	$(PY) scripts/make_samples.py samples
 
 demo: install samples/astronaut.png
+	$(VENV)/bin/faceshield protect samples/astronaut.png -o samples/protected
+	@echo "--- before: the original photo against another photo of her"
 	$(VENV)/bin/faceshield verify samples/astronaut.png samples/astronaut_second.jpg
+	@echo "--- after: the protected photo against the same other photo"
+	$(VENV)/bin/faceshield verify samples/protected/astronaut_protected.png samples/astronaut_second.jpg
 
 test: install
 	$(VENV)/bin/python -m pytest -q --durations=10

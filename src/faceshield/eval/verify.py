@@ -40,10 +40,7 @@ def embed_best_face(path: Path, ensemble: FREnsemble, detector) -> dict[str, tor
 
 def verify_photos(image1: Path, image2: Path, models: str = "default", far: float = 1e-2,
                   detector: str = "retinaface") -> dict:
-    """Per-model cosine similarity, threshold and same/different verdict, and the majority verdict.
-
-    The overall verdict is "same person" when more than half of the models say so.
-    """
+    """Per-model cosine similarity, threshold and same/different verdict, and the majority verdict."""
     table = shipped_table()
     names = resolve_models(models)
     uncalibrated = [n for n in names if n not in table.models]
@@ -52,13 +49,21 @@ def verify_photos(image1: Path, image2: Path, models: str = "default", far: floa
     ensemble = FREnsemble(names)
     det = create_detector(detector)
     a, b = embed_best_face(Path(image1), ensemble, det), embed_best_face(Path(image2), ensemble, det)
+    cosines = {name: float(a[name] @ b[name]) for name in names}
+    return {"image1": str(image1), "image2": str(image2), **judge_pair(cosines, table, far)}
+
+
+def judge_pair(cosines: dict[str, float], table, far: float = 1e-2) -> dict:
+    """Per-model verdicts for one pair's cosine similarities, and the majority verdict.
+
+    The overall verdict is "same person" when more than half of the models say so.
+    """
     per_model = {}
-    for name in names:
-        cosine = float(a[name] @ b[name])
+    for name, cosine in cosines.items():
         threshold = table.models[name].threshold(far)
         per_model[name] = {"cosine": round(cosine, 4), "threshold": round(threshold, 4), "same": cosine > threshold}
     votes = sum(r["same"] for r in per_model.values())
     return {
-        "image1": str(image1), "image2": str(image2), "far": far_key(far), "models": per_model,
-        "votes_same": votes, "verdict": "same person" if votes * 2 > len(names) else "different",
+        "far": far_key(far), "models": per_model, "votes_same": votes,
+        "verdict": "same person" if votes * 2 > len(per_model) else "different",
     }
