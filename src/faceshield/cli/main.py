@@ -285,11 +285,7 @@ def build_method(method: str, strength: str, surrogates: str | None, settings: t
     overrides = parse_overrides(cls.Config, settings)
     if surrogates:
         overrides["surrogates"] = tuple(s.strip() for s in surrogates.split(",") if s.strip())
-    if method == "cloak":
-        from faceshield.methods.cloak import STRENGTHS
-
-        overrides = {**STRENGTHS[strength], **overrides}
-    return create_method(method, **overrides)
+    return create_method(method, preset=strength if cls.presets else None, **overrides)
 
 
 @cli.command()

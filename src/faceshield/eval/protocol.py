@@ -111,15 +111,7 @@ def _build(spec: str, surrogates: tuple[str, ...], settings: dict):
     cls = get_method_class(name)
     known = {f for f in cls.Config.__dataclass_fields__}
     overrides = {k: v for k, v in settings.items() if k in known}
-    if strength:
-        if name != "cloak":
-            raise FaceshieldError(f"{spec}: only cloak has strength presets")
-        from faceshield.methods.cloak import STRENGTHS
-
-        if strength not in STRENGTHS:
-            raise FaceshieldError(f"{spec}: unknown strength; choose from {', '.join(STRENGTHS)}")
-        overrides = {**STRENGTHS[strength], **overrides}
-    return create_method(name, surrogates=surrogates, **overrides)
+    return create_method(name, preset=strength or None, surrogates=surrogates, **overrides)
 
 
 def _pair_ids(pairs_dir: Path) -> list[str]:

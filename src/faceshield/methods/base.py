@@ -39,6 +39,8 @@ class ProtectionMethod(ABC):
     Config: ClassVar[type]
     # threats a method addresses (see METHODS.md), e.g. ("fr-dodging", "fr-impersonation")
     goals: ClassVar[tuple[str, ...]] = ()
+    # named strength presets: setting overrides on top of Config's defaults
+    presets: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -65,6 +67,22 @@ class ProtectionMethod(ABC):
 
     def config_dict(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self.config)}
+
+
+class FRAttackMethod(ProtectionMethod):
+    """A method that attacks a surrogate FR ensemble: its config has ``surrogates`` and ``device``.
+
+    Builds ``self.ensemble`` (empty ``surrogates`` → every calibrated model with AUC ≥ 0.9) and
+    ``self.thresholds`` (``{model: cosine threshold at FAR 1e-2}``).
+    """
+
+    goals = ("fr-dodging", "fr-impersonation")
+
+    def __init__(self, config: Any = None):
+        from faceshield.adversarial import surrogate_ensemble
+
+        super().__init__(config)
+        self.ensemble, self.thresholds = surrogate_ensemble(self.config.surrogates, self.config.device)
 
 
 def check_photo(image: torch.Tensor, landmarks: torch.Tensor) -> None:
@@ -100,9 +118,17 @@ def get_method_class(name: str) -> type[ProtectionMethod]:
     return _METHODS[name]
 
 
-def create_method(name: str, **overrides: Any) -> ProtectionMethod:
-    """Build method ``name`` with its default config, fields in ``overrides`` replaced (unknown keys rejected)."""
+def create_method(name: str, preset: str | None = None, **overrides: Any) -> ProtectionMethod:
+    """Build method ``name``: its config defaults, then preset ``preset`` (e.g. cloak's "high"), then ``overrides``.
+
+    Unknown settings or presets are rejected with the list of known ones.
+    """
     cls = get_method_class(name)
+    if preset is not None:
+        if preset not in cls.presets:
+            known = ", ".join(cls.presets) or "none"
+            raise FaceshieldError(f"{name}: unknown strength {preset!r}; its presets: {known}")
+        overrides = {**cls.presets[preset], **overrides}
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:

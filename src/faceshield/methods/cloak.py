@@ -10,23 +10,21 @@ by a margin. Dodging by default; impersonation when given a target's embeddings.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from faceshield.adversarial import (
-    IdentityObjective, face_region, sign_attack, surrogate_ensemble, texture_budget,
+    IdentityObjective, face_region, sign_attack, texture_budget,
 )
 from faceshield.augment import RandomTransforms
-from faceshield.errors import FaceshieldError
 from faceshield.faces.masks import face_mask_from_landmarks
-from faceshield.methods.base import ProtectionMethod, ProtectionResult, check_photo, register_method
+from faceshield.methods.base import FRAttackMethod, ProtectionResult, check_photo, register_method
 
 
 @dataclass
 class CloakConfig:
-    """Settings of ``cloak``; :data:`STRENGTHS` holds the presets (``mid`` is the default).
+    """Settings of ``cloak``; :data:`STRENGTHS` holds the presets (``mid`` = these defaults).
 
     Attributes:
         epsilon: largest per-pixel change (L∞, [0, 1] units) on textured pixels.
@@ -66,22 +64,11 @@ STRENGTHS: dict[str, dict] = {
 }
 
 
-def cloak_config(strength: str = "mid", **overrides) -> CloakConfig:
-    """The preset ``strength`` (low | mid | high) with ``overrides`` applied."""
-    if strength not in STRENGTHS:
-        raise FaceshieldError(f"unknown strength {strength!r}; choose from: {', '.join(STRENGTHS)}")
-    return dataclasses.replace(CloakConfig(), **{**STRENGTHS[strength], **overrides})
-
-
 @register_method
-class Cloak(ProtectionMethod):
+class Cloak(FRAttackMethod):
     name = "cloak"
     Config = CloakConfig
-    goals = ("fr-dodging", "fr-impersonation")
-
-    def __init__(self, config: CloakConfig | None = None):
-        super().__init__(config)
-        self.ensemble, self.thresholds = surrogate_ensemble(self.config.surrogates, self.config.device)
+    presets = STRENGTHS
 
     def protect(self, image, landmarks, target=None, progress=None) -> ProtectionResult:
         check_photo(image, landmarks)

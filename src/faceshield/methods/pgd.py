@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from faceshield.adversarial import IdentityObjective, sign_attack, surrogate_ensemble
-from faceshield.methods.base import ProtectionMethod, ProtectionResult, check_photo, register_method
+from faceshield.adversarial import IdentityObjective, sign_attack
+from faceshield.methods.base import FRAttackMethod, ProtectionResult, check_photo, register_method
 
 
 @dataclass
@@ -34,14 +34,9 @@ class PGDConfig:
 
 
 @register_method
-class PGD(ProtectionMethod):
+class PGD(FRAttackMethod):
     name = "pgd"
     Config = PGDConfig
-    goals = ("fr-dodging", "fr-impersonation")
-
-    def __init__(self, config: PGDConfig | None = None):
-        super().__init__(config)
-        self.ensemble, self.thresholds = surrogate_ensemble(self.config.surrogates, self.config.device)
 
     def protect(self, image, landmarks, target=None, progress=None) -> ProtectionResult:
         check_photo(image, landmarks)

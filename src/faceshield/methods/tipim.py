@@ -13,8 +13,8 @@ from functools import partial
 
 import torch
 
-from faceshield.adversarial import IdentityObjective, input_diversity, sign_attack, surrogate_ensemble
-from faceshield.methods.base import ProtectionMethod, ProtectionResult, check_photo, register_method
+from faceshield.adversarial import IdentityObjective, input_diversity, sign_attack
+from faceshield.methods.base import FRAttackMethod, ProtectionResult, check_photo, register_method
 
 
 @dataclass
@@ -41,14 +41,9 @@ class TIPIMConfig:
 
 
 @register_method
-class TIPIM(ProtectionMethod):
+class TIPIM(FRAttackMethod):
     name = "tip-im"
     Config = TIPIMConfig
-    goals = ("fr-dodging", "fr-impersonation")
-
-    def __init__(self, config: TIPIMConfig | None = None):
-        super().__init__(config)
-        self.ensemble, self.thresholds = surrogate_ensemble(self.config.surrogates, self.config.device)
 
     def protect(self, image, landmarks, target=None, progress=None) -> ProtectionResult:
         check_photo(image, landmarks)
