@@ -12,7 +12,8 @@ from faceshield.eval.report import write_report
 @pytest.fixture(scope="module")
 def result(shared_data):
     config = EvalConfig(methods=("pgd",), pairs_dir=PAIRS, targets_dir=DATA / "targets", n_pairs=2,
-                        n_per_target=1, judges=("dlib-resnet", "mobilefacenet-ms1m"), settings={"steps": 2})
+                        n_per_target=1, judges=("dlib-resnet", "mobilefacenet-ms1m"),
+                        surrogates=("dlib-resnet", "mobilefacenet-ms1m"), settings={"steps": 2})
     return evaluate(config, progress=False)
 
 

@@ -202,11 +202,10 @@ def surrogate_ensemble(names: tuple[str, ...] | list[str], device: str | torch.d
                        far: float = 1e-2) -> tuple[FREnsemble, dict[str, float]]:
     """The surrogate models (empty → every calibrated model with AUC ≥ 0.9) and their thresholds at ``far``."""
     from faceshield.eval.calibration import shipped_table
-    from faceshield.models.registry import cached_fr_model
 
     table = shipped_table()
     names = list(names) or table.surrogate_models()
-    ensemble = FREnsemble([cached_fr_model(n, str(device)) for n in names])
+    ensemble = FREnsemble(names, device)
     thresholds = {n: table.models[n].threshold(far) for n in names if n in table.models}
     return ensemble, thresholds if len(thresholds) == len(names) else {}
 

@@ -368,6 +368,8 @@ def methods_cmd(as_json: bool) -> None:
 @click.option("--n-pairs", type=int, default=100, help="Dodging pairs.")
 @click.option("--n-per-target", type=int, default=25, help="Impersonation sources per target (0 = skip).")
 @click.option("--judges", default="", help="Comma-separated held-out judge models (default: calibrated strong).")
+@click.option("--surrogates", default="", help="Comma-separated surrogate pool, minus the judge each time "
+              "(default: calibrated models with AUC ≥ 0.9).")
 @click.option("--no-robustness", is_flag=True, help="Skip the JPEG / resize / blur measurements.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method setting for every method "
               "that has it, e.g. --set steps=20.")
@@ -375,8 +377,8 @@ def methods_cmd(as_json: bool) -> None:
               help="Folder for report.json and report.html.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, no_robustness, settings, output,
-             quiet, as_json) -> None:
+def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, surrogates, no_robustness, settings,
+             output, quiet, as_json) -> None:
     """Measure protection the way the literature does: leave-one-out black-box PSR, quality, speed, robustness."""
     from faceshield.eval.protocol import EvalConfig
     from faceshield.eval.protocol import evaluate as run_protocol
@@ -389,6 +391,7 @@ def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, no_
         targets_dir=None if str(targets_dir) == "none" else targets_dir,
         n_pairs=n_pairs, n_per_target=n_per_target,
         judges=tuple(j.strip() for j in judges.split(",") if j.strip()),
+        surrogates=tuple(m.strip() for m in surrogates.split(",") if m.strip()),
         robustness=not no_robustness,
         # typed like cloak's settings; each method takes the ones it has
         settings=parse_overrides(CloakConfig, settings) if settings else {},

@@ -35,7 +35,6 @@ from faceshield.faces.detect import create_detector, detect_faces
 from faceshield.images import load_image, to_tensor, to_uint8
 from faceshield.methods.base import create_method, get_method_class
 from faceshield.models.ensemble import FREnsemble
-from faceshield.models.registry import cached_fr_model
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,8 @@ class EvalConfig:
         n_pairs: dodging pairs (first n by sorted id).
         n_per_target: impersonation sources per target (the first n pairs' ``train/N``).
         judges: held-out judge models; empty = the calibrated strong models.
+        surrogates: the pool attacked (minus the judge each time); empty = every calibrated model with
+            AUC ≥ 0.9.
         fars: false-accept rates of the thresholds.
         robustness: also measure dodging after JPEG / resize / blur.
         settings: extra method settings, applied to every method that has them.
@@ -64,6 +65,7 @@ class EvalConfig:
     n_pairs: int = 100
     n_per_target: int = 25
     judges: tuple[str, ...] = ()
+    surrogates: tuple[str, ...] = ()
     fars: tuple[float, ...] = (1e-2, 1e-3)
     robustness: bool = True
     settings: dict = field(default_factory=dict)
@@ -129,7 +131,7 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
         raise FaceshieldError("leave-one-out needs at least 2 judge models")
     thresholds = {j: {far_key(f): table.models[j].threshold(f) for f in config.fars} for j in judges}
     detector = create_detector()
-    judge_models = FREnsemble([cached_fr_model(j) for j in judges])
+    judge_models = FREnsemble(judges)
 
     ids = _pair_ids(Path(config.pairs_dir))[: max(config.n_pairs, config.n_per_target)]
     sources, references = {}, {}
@@ -177,7 +179,7 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
         per_judge = {}
         quality = {"psnr": [], "ssim": [], "brisque": [], "seconds": []}
         for j in judges:
-            surrogates = tuple(m for m in table.surrogate_models() if m != j)
+            surrogates = tuple(m for m in (config.surrogates or table.surrogate_models()) if m != j)
             method = _build(spec, surrogates, config.settings)
             dodge = {"sims": [], **{k: [] for k in ROBUSTNESS}}
             for p in tqdm(dodge_ids, desc=f"{spec} dodging, judge {j}", disable=not progress):

@@ -12,19 +12,20 @@ from torch import nn
 
 from faceshield.errors import ShapeError
 from faceshield.faces.align import align_to_template
-from faceshield.models.registry import FaceRecognizer, create_fr_model
+from faceshield.models.registry import FaceRecognizer, cached_fr_model
 
 
 class FREnsemble(nn.Module):
     """FR models by name; ``forward(image, landmarks)`` → ``{name: F×D}`` L2-normalised embeddings.
 
     Args:
-        models: registry names, or already built :class:`FaceRecognizer` s.
+        models: registry names (built once per process and device, then shared), or built
+            :class:`FaceRecognizer` s.
     """
 
     def __init__(self, models: Sequence[str | FaceRecognizer], device: str | torch.device = "cpu"):
         super().__init__()
-        built = [m if isinstance(m, FaceRecognizer) else create_fr_model(m, device) for m in models]
+        built = [m if isinstance(m, FaceRecognizer) else cached_fr_model(m, str(device)) for m in models]
         self.models = nn.ModuleDict({m.name: m for m in built})
 
     @property
