@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from faceshield.faces.masks import face_mask_from_landmarks, gaussian_blur
+from faceshield.faces.masks import gaussian_blur
 from faceshield.models.ensemble import FREnsemble
 
 log = logging.getLogger(__name__)

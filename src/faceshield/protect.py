@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from faceshield.errors import FaceshieldError, NoFaceError
-from faceshield.faces.detect import FaceDetector, create_detector, detect_faces
+from faceshield.faces.detect import FaceDetector, create_detector, detect_faces, landmark_tensor
 from faceshield.images import find_images, load_image, save_image, to_tensor, to_uint8
 from faceshield.methods.base import ProtectionMethod
 
@@ -82,7 +82,7 @@ class Protector:
         faces = detect_faces(rgb, self.detector)
         if not faces:
             raise NoFaceError(f"{path}: no face found; nothing to protect (faces under 20 px are ignored)")
-        return torch.stack([torch.from_numpy(f.landmarks).float() for f in faces])
+        return landmark_tensor(faces)
 
     def _target_embeddings(self, path: Path) -> dict[str, torch.Tensor]:
         photo = load_image(path)

@@ -136,7 +136,7 @@ def embed_pair_set(
     import torch
     from tqdm import tqdm
 
-    from faceshield.faces.detect import detect_faces
+    from faceshield.faces.detect import detect_faces, landmark_tensor
     from faceshield.images import load_image, to_tensor
 
     pairs_dir = Path(pairs_dir)
@@ -153,7 +153,7 @@ def embed_pair_set(
             if not faces:
                 missing.append(str(path))
                 break
-            landmarks = torch.from_numpy(faces[0].landmarks[None]).float()
+            landmarks = landmark_tensor(faces[:1])
             with torch.no_grad():
                 per_split[split] = ensemble(to_tensor(photo.rgb), landmarks)
         if len(per_split) < 2:

@@ -31,7 +31,7 @@ from PIL import Image, ImageFilter
 from faceshield.errors import FaceshieldError
 from faceshield.eval.calibration import far_key, shipped_table
 from faceshield.eval.quality import brisque, psnr, ssim
-from faceshield.faces.detect import create_detector, detect_faces
+from faceshield.faces.detect import create_detector, detect_faces, landmark_tensor
 from faceshield.images import load_image, to_tensor, to_uint8
 from faceshield.methods.base import create_method, get_method_class
 from faceshield.models.ensemble import FREnsemble
@@ -100,7 +100,7 @@ def _load_face(path: Path, detector) -> _Photo | None:
     if not faces:
         log.warning("%s: no face found, left out of the evaluation", path)
         return None
-    return _Photo(str(path), photo.rgb, torch.from_numpy(faces[0].landmarks[None]).float())
+    return _Photo(str(path), photo.rgb, landmark_tensor(faces[:1]))
 
 
 def _embed(ensemble: FREnsemble, rgb: np.ndarray, landmarks: torch.Tensor) -> dict[str, torch.Tensor]:

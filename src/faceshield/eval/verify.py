@@ -8,7 +8,7 @@ import torch
 
 from faceshield.errors import FaceshieldError, NoFaceError
 from faceshield.eval.calibration import far_key, shipped_table
-from faceshield.faces.detect import create_detector, detect_faces
+from faceshield.faces.detect import create_detector, detect_faces, landmark_tensor
 from faceshield.images import load_image, to_tensor
 from faceshield.models.ensemble import FREnsemble
 from faceshield.models.registry import list_fr_models
@@ -33,7 +33,7 @@ def embed_best_face(path: Path, ensemble: FREnsemble, detector) -> dict[str, tor
     faces = detect_faces(photo.rgb, detector)
     if not faces:
         raise NoFaceError(f"{path}: no face found; use a photo where the face is visible and at least 20 px wide")
-    landmarks = torch.from_numpy(faces[0].landmarks[None]).float()
+    landmarks = landmark_tensor(faces[:1])
     with torch.no_grad():
         return {k: v[0] for k, v in ensemble(to_tensor(photo.rgb), landmarks).items()}
 

@@ -273,6 +273,11 @@ def downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float, floa
     return small, w / nw, h / nh
 
 
+def landmark_tensor(faces: list[Face]) -> torch.Tensor:
+    """The faces' landmarks as one ``F×5×2`` float32 tensor, the input of alignment and the FR ensemble."""
+    return torch.from_numpy(np.stack([f.landmarks for f in faces])).float()
+
+
 def detect_faces(
     image: np.ndarray,
     detector: FaceDetector | None = None,

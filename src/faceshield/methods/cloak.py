@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from faceshield.adversarial import (
     IdentityObjective, face_region, sign_attack, texture_budget,
 )
