@@ -278,11 +278,16 @@ def eval_fraction(raw: str) -> float:
     return float(num) / float(den) if sep else float(raw)
 
 
-def build_method(method: str, strength: str, surrogates: str | None, settings: tuple[str, ...]):
+def build_method(method: str, strength: str, surrogates: str | None, settings: tuple[str, ...],
+                 diffusion_model: str | None = None):
     from faceshield.methods.base import create_method, get_method_class
 
     cls = get_method_class(method)
     overrides = parse_overrides(cls.Config, settings)
+    if diffusion_model:
+        if "diffusion_model" not in cls.Config.__dataclass_fields__:
+            raise click.BadParameter(f"method {method!r} uses no diffusion model", param_hint="--diffusion-model")
+        overrides["diffusion_model"] = diffusion_model
     if surrogates:
         overrides["surrogates"] = tuple(s.strip() for s in surrogates.split(",") if s.strip())
     return create_method(method, preset=strength if cls.presets else None, **overrides)
@@ -299,6 +304,8 @@ def build_method(method: str, strength: str, surrogates: str | None, settings: t
 @click.option("--surrogates", help="Comma-separated FR models to attack (default: calibrated models with AUC ≥ 0.9).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a method setting, e.g. "
               "--set epsilon=4/255 --set steps=60 (repeatable).")
+@click.option("--diffusion-model", metavar="HUB_ID|FOLDER", help="Stable Diffusion model of the diffusion methods "
+              "(e.g. adv-latent): a local diffusers folder or a hub id  [default: stabilityai/stable-diffusion-2-base].")
 @click.option("--keep-metadata", is_flag=True, help="Keep EXIF/GPS and ICC data (stripped by default).")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, help="Quality of JPEG outputs.")
 @click.option("--overwrite", is_flag=True, help="Redo photos whose output already exists.")
@@ -307,8 +314,8 @@ def build_method(method: str, strength: str, surrogates: str | None, settings: t
 @click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print every photo's record as one JSON document.")
-def protect(inputs, output, method, strength, target, surrogates, settings, keep_metadata, jpeg_quality,
-            overwrite, log_path, detector, quiet, as_json) -> None:
+def protect(inputs, output, method, strength, target, surrogates, settings, diffusion_model, keep_metadata,
+            jpeg_quality, overwrite, log_path, detector, quiet, as_json) -> None:
     """Protect the faces in INPUTS (photos or folders) from face recognition.
 
     Exit code 1 if any photo failed (the others are still written).
@@ -318,8 +325,8 @@ def protect(inputs, output, method, strength, target, surrogates, settings, keep
     from faceshield.faces.detect import create_detector
     from faceshield.protect import Protector, protect_paths
 
-    protector = Protector(build_method(method, strength, surrogates, settings), create_detector(detector),
-                          target, keep_metadata, jpeg_quality)
+    built = build_method(method, strength, surrogates, settings, diffusion_model)
+    protector = Protector(built, create_detector(detector), target, keep_metadata, jpeg_quality)
     if log_path is None and output is not None:
         log_path = output / "faceshield-log.jsonl"
     records = protect_paths(list(inputs), protector, output, overwrite, log_path, progress=not quiet and not as_json)
@@ -352,7 +359,7 @@ def methods_cmd(as_json: bool) -> None:
         cls = get_method_class(name)
         summary = (sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0]
         info[name] = {"goals": list(cls.goals), "defaults": dataclasses.asdict(cls.Config()), "summary": summary}
-    lines = [f"{n:<8} {v['summary']}" for n, v in info.items()]
+    lines = [f"{n:<12} {v['summary']}" for n, v in info.items()]
     _emit(as_json, info, "\n".join(lines))
 
 

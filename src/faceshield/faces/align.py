@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 Size2 = tuple[int, int]
 
 __all__ = [
+    "CELEBAHQ_256",
     "align_for_model",
     "align_to_template",
     "compose_affine",
@@ -50,6 +51,11 @@ __all__ = [
     "warp_back",
     "warp_to_crop",
 ]
+
+
+# Where the 5 landmarks sit in CelebA-HQ's aligned 256×256 photos: the mean RetinaFace landmarks of 197 photos of
+# ../shared/data/celebahq-pairs/train, made left-right symmetric. The framing the diffusion methods' papers use.
+CELEBAHQ_256 = ((95.8, 119.2), (159.2, 119.2), (127.5, 158.3), (100.0, 185.3), (155.0, 185.3))
 
 
 # --------------------------------------------------------------------------------------------- checks

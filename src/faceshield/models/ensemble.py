@@ -33,22 +33,23 @@ class FREnsemble(nn.Module):
         return list(self.models.keys())
 
     def align(self, image: torch.Tensor, landmarks: torch.Tensor, name: str) -> torch.Tensor:
-        """Crops ``F×3×S×S`` of the faces with ``landmarks`` (``F×5×2`` pixels) in ``image`` (``1×3×H×W``)."""
+        """Crops ``F×3×S×S`` of the faces with ``landmarks`` (``F×5×2`` pixels) in ``image`` (``1×`` or ``F×3×H×W``)."""
         config = self.models[name].config
         return align_to_template(image, landmarks, config.template, config.input_size)
 
     def forward(self, image: torch.Tensor, landmarks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Embeddings of the F faces of one photo.
+        """Embeddings of the F faces of one photo, or of one face in each of F photos.
 
         Args:
-            image: ``1×3×H×W`` float RGB in [0, 1].
+            image: ``1×3×H×W`` (one photo) or ``F×3×H×W`` (one face per photo) float RGB in [0, 1].
             landmarks: ``F×5×2`` landmark pixels (order of :mod:`faceshield.faces.detect`).
         Returns:
             ``{model name: F×D}`` L2-normalised embeddings.
         """
-        if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
-            raise ShapeError(f"expected one photo 1×3×H×W, got {tuple(image.shape)}")
         if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2):
             raise ShapeError(f"expected landmarks F×5×2, got {tuple(landmarks.shape)}")
+        if image.ndim != 4 or image.shape[0] not in (1, landmarks.shape[0]) or image.shape[1] != 3:
+            raise ShapeError(f"expected 1×3×H×W or {landmarks.shape[0]}×3×H×W images for {landmarks.shape[0]} "
+                             f"faces, got {tuple(image.shape)}")
         landmarks = landmarks.to(image)
         return {name: model(self.align(image, landmarks, name)) for name, model in self.models.items()}
