@@ -62,7 +62,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    names = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
         raise DiffusionModelError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
@@ -206,8 +206,9 @@ class _RecordingProcessor:
         if n > self.recorder.max_tokens:
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
         else:
-            # Softmax in float32: bf16 probabilities are too coarse for a meaningful MSE between two maps.
-            probs = (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(dim=-1)
+            # Softmax in at least float32: bf16 probabilities are too coarse for an MSE between two maps.
+            precise = torch.promote_types(q.dtype, torch.float32)
+            probs = (q.to(precise) @ k.to(precise).transpose(-1, -2) * attn.scale).softmax(dim=-1)
             self.recorder.maps.append(probs)
             out = probs.to(v.dtype) @ v
         out = out.transpose(1, 2).reshape(b, n, -1)
