@@ -19,12 +19,13 @@ differentiable alignment (their code crops an MTCNN box and resizes).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from faceshield.diffusion.adapter import DEFAULT_MODEL, cached_stable_diffusion
+from faceshield.diffusion.adapter import DEFAULT_MODEL, StableDiffusion, cached_stable_diffusion
 from faceshield.diffusion.inversion import ddim_invert, denoise, learn_unconditional_embeddings
 from faceshield.errors import FaceshieldError
 from faceshield.faces.align import CELEBAHQ_256, crop_transform, warp_to_crop
@@ -80,10 +81,11 @@ class AdvLatent(FRAttackMethod):
     name = "adv-latent"
     Config = AdvLatentConfig
 
-    def __init__(self, config: AdvLatentConfig | None = None):
+    def __init__(self, config: AdvLatentConfig | None = None, model: StableDiffusion | None = None):
+        """``model``: an already loaded Stable Diffusion to use instead of loading ``config.diffusion_model``."""
         super().__init__(config)
         cfg = self.config
-        self.model = cached_stable_diffusion(cfg.diffusion_model, cfg.device, cfg.dtype)
+        self.model = model or cached_stable_diffusion(cfg.diffusion_model, cfg.device, cfg.dtype)
         self.template = torch.tensor(CELEBAHQ_256) * (cfg.image_size / 256)
 
     def protect(self, image, landmarks, target=None, progress=None) -> ProtectionResult:
@@ -106,7 +108,8 @@ class AdvLatent(FRAttackMethod):
 
         Returns ``(protected faces F×3×S×S, latent steps run, history)``; ``history`` holds per-step means over the
         faces of ``loss``, ``adversarial`` (1 − mean cosine toward the target, or mean cosine to the original)
-        and ``structure``, plus the latent reconstruction error with the plain and the learned embeddings.
+        and ``structure``, the latent reconstruction error with the plain and the learned embeddings, and the
+        wall-clock seconds of each stage (``seconds_inversion``, ``_embeddings``, ``_optimisation``, ``_decoding``).
         """
         cfg, sd = self.config, self.model
         n = crops.shape[0]
@@ -115,6 +118,8 @@ class AdvLatent(FRAttackMethod):
         path = sd.timesteps(cfg.diffusion_steps)[cfg.start_step:]
         total = cfg.null_steps * len(path) + cfg.steps
         done = 0
+
+        clock = _StageClock(sd.device)
 
         def tick() -> None:
             nonlocal done
@@ -129,14 +134,11 @@ class AdvLatent(FRAttackMethod):
             unconditional = sd.encode_prompts([""]).expand(n, -1, -1)
             trajectory = ddim_invert(sd, clean, unconditional, path)
             plain = denoise(sd, trajectory[0], path, unconditional)
+        clock.lap("inversion")
         learned = learn_unconditional_embeddings(sd, trajectory, path, unconditional, cfg.null_steps, cfg.null_lr,
                                                  progress=tick)
-        history: dict[str, list[float]] = {
-            "reconstruction_mse_plain": [float((plain.float() - clean).pow(2).mean())],
-            "reconstruction_mse_learned": [float((learned.reconstruction.float() - clean).pow(2).mean())],
-            "loss": [], "adversarial": [], "structure": [],
-        }
-
+        clock.lap("embeddings")
+        trace: list[torch.Tensor] = []
         latent = trajectory[0].detach().float().clone().requires_grad_(True)
         optimiser = torch.optim.AdamW([latent], lr=cfg.lr)
         with sd.record_self_attention(cfg.attention_layers, cfg.attention_max_tokens) as recorder:
@@ -158,10 +160,34 @@ class AdvLatent(FRAttackMethod):
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-                history["loss"].append(loss.item() / n)
-                history["adversarial"].append(adversarial.mean().item())
-                history["structure"].append(structure.mean().item())
+                # kept on the device: one host sync at the end instead of three per step
+                trace.append(torch.stack([loss.detach() / n, adversarial.detach().mean(), structure.detach().mean()]))
                 tick()
+        clock.lap("optimisation")
         with torch.no_grad():
             faces = sd.decode_latents(denoise(sd, latent, path, learned.embeddings))
+        clock.lap("decoding")
+        per_step = torch.stack(trace).T.tolist() if trace else [[], [], []]
+        history = {
+            "loss": per_step[0], "adversarial": per_step[1], "structure": per_step[2],
+            "reconstruction_mse_plain": [float((plain.float() - clean).pow(2).mean())],
+            "reconstruction_mse_learned": [float((learned.reconstruction.float() - clean).pow(2).mean())],
+            **{f"seconds_{stage}": [seconds] for stage, seconds in clock.laps.items()},
+        }
         return faces, cfg.steps, history
+
+
+class _StageClock:
+    """Wall-clock seconds per stage; synchronises CUDA only at stage ends (one host sync per stage)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.laps: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[stage] = now - self.start
+        self.start = now
