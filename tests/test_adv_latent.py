@@ -100,3 +100,29 @@ def test_cli_protects_with_a_local_model_folder(tiny_sd_dir, tmp_path, shared_da
                                        "--diffusion-model", str(tmp_path / "no-model")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
     assert not list((tmp_path / "x").glob("*.png"))
+
+
+def test_faces_of_several_photos_run_in_one_batch_and_a_bad_photo_is_skipped(tiny_sd_dir, tmp_path, shared_data):
+    import shutil
+
+    from faceshield.protect import Protector, protect_paths
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for pid in pair_ids(2):
+        shutil.copy(PAIRS / "train" / f"{pid}.png", folder / f"{pid}.png")
+    (folder / "broken.png").write_bytes(b"not a picture")
+    method = create_method("adv-latent", diffusion_model=tiny_sd_dir, **{**FAST, "steps": 2})
+    batches = []
+    protect_faces = method.protect_faces
+
+    def counting(crops, *args, **kwargs):
+        batches.append(len(crops))
+        return protect_faces(crops, *args, **kwargs)
+
+    method.protect_faces = counting
+    records = protect_paths([folder], Protector(method), tmp_path / "out", batch_size=3, progress=False)
+    assert sorted(r.status for r in records) == ["failed", "protected", "protected"]
+    assert batches == [2]  # both faces together, the broken file left out
+    assert all((tmp_path / "out" / f"{pid}_protected.png").is_file() for pid in pair_ids(2))
+    assert "broken.png" in next(r.error for r in records if r.status == "failed")

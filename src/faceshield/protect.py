@@ -99,6 +99,40 @@ class Protector:
 
     def protect_file(self, photo: Path, out: Path, progress: Callable[[int, int], None] | None = None) -> PhotoRecord:
         """Protect one photo into ``out``; raises FaceshieldError on a bad photo (nothing written then)."""
+        job = self._prepare(photo, out)
+        result = self.method.protect(job.image, job.landmarks, self.target, progress=progress)
+        return self._finish(job, result, time.perf_counter() - job.start)
+
+    def protect_files(self, jobs: list[tuple[Path, Path]], progress: Callable[[int, int], None] | None = None
+                      ) -> list[PhotoRecord]:
+        """Protect several photos ``[(photo, out), ...]`` in one call of the method, so that a method that batches
+        (adv-latent) runs every face of every photo together. A bad photo gets a "failed" record, the rest go on;
+        ``seconds`` is the batch's time shared out among its photos."""
+        records: dict[int, PhotoRecord] = {}
+        prepared: list[tuple[int, _Job]] = []
+        for i, (photo, out) in enumerate(jobs):
+            try:
+                prepared.append((i, self._prepare(photo, out)))
+            except (FaceshieldError, OSError) as exc:
+                records[i] = _failed(photo, exc)
+        if prepared:
+            start = time.perf_counter()
+            try:
+                results = self.method.protect_many([(j.image, j.landmarks) for _, j in prepared], self.target,
+                                                   progress=progress)
+            except (FaceshieldError, RuntimeError) as exc:  # e.g. out of memory: the whole batch fails
+                results = None
+                records.update({i: _failed(j.photo, exc) for i, j in prepared})
+            if results is not None:
+                share = (time.perf_counter() - start) / len(prepared)
+                for (i, job), result in zip(prepared, results):
+                    try:
+                        records[i] = self._finish(job, result, share + job.seconds)
+                    except (FaceshieldError, OSError, RuntimeError) as exc:  # e.g. unwritable output folder
+                        records[i] = _failed(job.photo, exc)
+        return [records[i] for i in range(len(jobs))]
+
+    def _prepare(self, photo: Path, out: Path) -> "_Job":
         start = time.perf_counter()
         if out.resolve() == photo.resolve():
             raise FaceshieldError(f"{photo}: output would overwrite the input; choose another output folder")
@@ -108,22 +142,47 @@ class Protector:
         with torch.no_grad():
             original = self.ensemble(image, landmarks)
         before = self._similarities(image, landmarks, original)
-        result = self.method.protect(image, landmarks, self.target, progress=progress)
-        save_image(out, to_uint8(result.image), loaded.alpha, loaded, self.keep_metadata, self.jpeg_quality)
-        written = to_tensor(load_image(out).rgb)
-        after = self._similarities(written, landmarks, original)
+        return _Job(photo, out, loaded, image, landmarks, original, before, start, time.perf_counter() - start)
+
+    def _finish(self, job: "_Job", result, seconds: float) -> PhotoRecord:
+        start = time.perf_counter()
+        save_image(job.out, to_uint8(result.image), job.loaded.alpha, job.loaded, self.keep_metadata,
+                   self.jpeg_quality)
+        written = to_tensor(load_image(job.out).rgb)
+        after = self._similarities(written, job.landmarks, job.original)
         thresholds = getattr(self.method, "thresholds", {}) or {}
         similarity = {
-            name: {"before": [round(float(v), 4) for v in before[name]],
+            name: {"before": [round(float(v), 4) for v in job.before[name]],
                    "after": [round(float(v), 4) for v in after[name]],
                    "threshold": round(thresholds[name], 4) if name in thresholds else None}
-            for name in before
+            for name in job.before
         }
         return PhotoRecord(
-            input=str(photo), output=str(out), status="protected", faces=len(landmarks), method=self.method.name,
-            parameters=self.method.config_dict(), seconds=round(time.perf_counter() - start, 2),
-            steps=result.steps, similarity=similarity,
+            input=str(job.photo), output=str(job.out), status="protected", faces=len(job.landmarks),
+            method=self.method.name, parameters=self.method.config_dict(),
+            seconds=round(seconds + time.perf_counter() - start, 2), steps=result.steps, similarity=similarity,
         )
+
+
+@dataclass
+class _Job:
+    """A photo read and analysed, waiting for its protection."""
+
+    photo: Path
+    out: Path
+    loaded: object
+    image: torch.Tensor
+    landmarks: torch.Tensor
+    original: dict
+    before: dict
+    start: float
+    seconds: float  # spent preparing
+
+
+def _failed(photo: Path, exc: Exception) -> PhotoRecord:
+    message = str(exc) if isinstance(exc, FaceshieldError) else f"{photo}: {exc}"
+    log.warning("%s", message)
+    return PhotoRecord(str(photo), None, "failed", error=message)
 
 
 def protect_paths(
@@ -133,10 +192,13 @@ def protect_paths(
     overwrite: bool = False,
     log_path: Path | None = None,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> list[PhotoRecord]:
     """Protect every photo in ``inputs`` (files, or folders searched recursively); never raises for one bad photo.
 
-    Returns one record per photo; the JSON-lines log (if ``log_path``) gets each record appended as it completes.
+    ``batch_size`` photos go to the method together (:meth:`Protector.protect_files`); methods that batch faces
+    (adv-latent, on a GPU) are faster per photo that way. Returns one record per photo; the JSON-lines log (if
+    ``log_path``) gets each record appended as it completes.
     """
     from tqdm import tqdm
 
@@ -148,12 +210,24 @@ def protect_paths(
                 continue  # an output of an earlier run inside the input folder
             jobs.append((photo, output_path(photo, root, out_dir)))
     records: list[PhotoRecord] = []
-    bar = tqdm(jobs, desc="photos", unit="photo", disable=not progress, position=0)
-    for photo, out in bar:
-        bar.set_postfix_str(photo.name[-30:])
+
+    def keep(record: PhotoRecord) -> None:
+        records.append(record)
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(record)) + "\n")
+
+    bar = tqdm(total=len(jobs), desc="photos", unit="photo", disable=not progress, position=0)
+    pending: list[tuple[Path, Path]] = []
+    for index, (photo, out) in enumerate(jobs):
         if out.exists() and not overwrite:
-            record = PhotoRecord(str(photo), str(out), "skipped")
+            keep(PhotoRecord(str(photo), str(out), "skipped"))
+            bar.update()
         else:
+            pending.append((photo, out))
+        if pending and (len(pending) == batch_size or index == len(jobs) - 1):
+            bar.set_postfix_str(pending[0][0].name[-30:] + (f" +{len(pending) - 1}" if len(pending) > 1 else ""))
             steps_bar = tqdm(total=0, desc="  steps", unit="step", disable=not progress, position=1, leave=False)
 
             def on_step(step: int, total: int, steps_bar=steps_bar) -> None:
@@ -162,18 +236,11 @@ def protect_paths(
                 steps_bar.refresh()
 
             try:
-                record = protector.protect_file(photo, out, on_step)
-            except FaceshieldError as exc:
-                record = PhotoRecord(str(photo), None, "failed", error=str(exc))
-                log.warning("%s", exc)
-            except (OSError, RuntimeError) as exc:  # e.g. unwritable output folder, out of memory
-                record = PhotoRecord(str(photo), None, "failed", error=f"{photo}: {exc}")
-                log.warning("%s: %s", photo, exc)
+                for record in protector.protect_files(pending, on_step):
+                    keep(record)
             finally:
                 steps_bar.close()
-        records.append(record)
-        if log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(asdict(record)) + "\n")
+            bar.update(len(pending))
+            pending = []
+    bar.close()
     return records

@@ -312,10 +312,12 @@ def build_method(method: str, strength: str, surrogates: str | None, settings: t
 @click.option("--log", "log_path", type=click.Path(path_type=Path), help="JSON-lines log of every photo "
               "(default: faceshield-log.jsonl in the output folder, or none without -o).")
 @click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
+@click.option("--batch", "batch_size", type=click.IntRange(1), default=1, help="Photos protected together "
+              "(faster per photo for adv-latent on a GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print every photo's record as one JSON document.")
 def protect(inputs, output, method, strength, target, surrogates, settings, diffusion_model, keep_metadata,
-            jpeg_quality, overwrite, log_path, detector, quiet, as_json) -> None:
+            jpeg_quality, overwrite, log_path, detector, batch_size, quiet, as_json) -> None:
     """Protect the faces in INPUTS (photos or folders) from face recognition.
 
     Exit code 1 if any photo failed (the others are still written).
@@ -329,7 +331,8 @@ def protect(inputs, output, method, strength, target, surrogates, settings, diff
     protector = Protector(built, create_detector(detector), target, keep_metadata, jpeg_quality)
     if log_path is None and output is not None:
         log_path = output / "faceshield-log.jsonl"
-    records = protect_paths(list(inputs), protector, output, overwrite, log_path, progress=not quiet and not as_json)
+    records = protect_paths(list(inputs), protector, output, overwrite, log_path, progress=not quiet and not as_json,
+                            batch_size=batch_size)
     failed = [r for r in records if r.status == "failed"]
     lines = []
     for r in records:

@@ -432,8 +432,9 @@ def build_random_stable_diffusion(architecture: Architecture = SD2_BASE, device:
     torch_dtype = resolve_dtype(dtype, device)
     with tempfile.TemporaryDirectory() as tmp:
         parts = _random_components(architecture, Path(tmp), seed)
-    for name in ("unet", "vae", "text_encoder"):
-        parts[name].to(device, torch_dtype).eval().requires_grad_(False)
+    with _quiet_libraries():
+        for name in ("unet", "vae", "text_encoder"):
+            parts[name].to(device, torch_dtype).eval().requires_grad_(False)
     config = dict(parts["scheduler"].config)
     return StableDiffusion(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], config,
                            NoiseSchedule.from_scheduler_config(config), "random weights", device, torch_dtype)

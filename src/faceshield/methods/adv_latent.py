@@ -89,14 +89,26 @@ class AdvLatent(FRAttackMethod):
         self.template = torch.tensor(CELEBAHQ_256) * (cfg.image_size / 256)
 
     def protect(self, image, landmarks, target=None, progress=None) -> ProtectionResult:
-        check_photo(image, landmarks)
-        landmarks = landmarks.to(image)
-        matrices = crop_transform(landmarks, self.template)
-        crops = warp_to_crop(image, matrices, self.config.image_size, padding_mode="border", antialias=True)
-        faces, steps, history = self.protect_faces(crops, target, progress)
-        masks = face_mask_from_landmarks(landmarks, tuple(image.shape[-2:]), scale=self.config.mask_scale,
-                                         softness=0.25)
-        return ProtectionResult(paste_crops(image, faces.to(image), matrices, masks), steps, history)
+        return self.protect_many([(image, landmarks)], target, progress)[0]
+
+    def protect_many(self, photos, target=None, progress=None) -> list[ProtectionResult]:
+        """Every face of every photo in one batch; each result's ``history`` is the batch's (means over faces)."""
+        size = self.config.image_size
+        crops, matrices = [], []
+        for image, landmarks in photos:
+            check_photo(image, landmarks)
+            matrices.append(crop_transform(landmarks.to(image), self.template))
+            crops.append(warp_to_crop(image, matrices[-1], size, padding_mode="border", antialias=True))
+        faces, steps, history = self.protect_faces(torch.cat(crops), target, progress)
+        results, first = [], 0
+        for (image, landmarks), matrix in zip(photos, matrices):
+            count = len(landmarks)
+            masks = face_mask_from_landmarks(landmarks.to(image), tuple(image.shape[-2:]),
+                                             scale=self.config.mask_scale, softness=0.25)
+            protected = paste_crops(image, faces[first : first + count].to(image), matrix, masks)
+            results.append(ProtectionResult(protected, steps, history))
+            first += count
+        return results
 
     def protect_faces(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -64,6 +64,18 @@ class ProtectionMethod(ABC):
                 (from the method's own surrogate models); None for dodging.
             progress: called as ``progress(step, total)`` after each optimisation step.
         """
+
+    def protect_many(
+        self,
+        photos: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        target: dict[str, torch.Tensor] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[ProtectionResult]:
+        """Protect several photos ``[(image 1×3×H×W, landmarks F×5×2), ...]``.
+
+        One after another here; a method that can run the faces of several photos in one batch overrides this.
+        """
+        return [self.protect(image, landmarks, target, progress) for image, landmarks in photos]
 
     def config_dict(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self.config)}
