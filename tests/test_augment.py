@@ -194,6 +194,17 @@ def test_blur_matches_scipy_mirror(faces_t, sigma):
     assert np.abs(ours.numpy() - refl).max() > 1e-4
 
 
+def test_blur_with_replicated_borders_matches_scipy_nearest():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    img = torch.rand(2, 3, 31, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for sigma in (0.7, 2.0, 4.3):
+        ours = gaussian_blur(img, sigma, border="nearest", truncate=3.0)
+        ref = ndimage.gaussian_filter(img.numpy(), sigma=(0, 0, sigma, sigma), mode="nearest", truncate=3.0)
+        np.testing.assert_allclose(ours.numpy(), ref, atol=1e-12)
+    with pytest.raises(ValueError, match="border"):
+        gaussian_blur(img, 1.0, border="wrap")
+
+
 def test_blur_kernel_larger_than_image_and_explicit_size():
     ndimage = pytest.importorskip("scipy.ndimage")
     g = torch.Generator().manual_seed(3)

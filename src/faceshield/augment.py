@@ -8,7 +8,7 @@ differentiable with respect to the image.
 * :func:`jpeg_approx` follows baseline JPEG as libjpeg (and so Pillow) does it: JFIF YCbCr, 4:2:0 chroma,
   8×8 DCT, IJG tables scaled by quality, with rounding replaced by a smooth surrogate.
 * :func:`resize_roundtrip` downsamples (antialiased) and upsamples back to the original size.
-* :func:`gaussian_blur` is a separable Gaussian with mirror ("reflect" in PyTorch) borders.
+* :func:`gaussian_blur` is a separable Gaussian, mirror ("reflect" in PyTorch) or replicated borders.
 * :class:`RandomTransforms` draws one of identity / JPEG / resize / blur per image, with random parameters.
 """
 
@@ -275,11 +275,18 @@ def _gaussian_kernel1d(sigma: float, radius: int, dtype: torch.dtype, device: to
     return (k / k.sum()).to(dtype=dtype, device=device)
 
 
-def _mirror_index(n: int, radius: int, device: torch.device) -> Tensor:
-    """Source indices of a length-``n`` axis padded by ``radius`` on both sides with mirror reflection
-    (``d c b | a b c d | c b a``, edge sample not repeated), valid for any ``radius`` (repeated folding),
-    where ``F.pad(mode="reflect")`` requires ``radius < n``."""
+BORDERS = ("mirror", "nearest")
+
+
+def _border_index(n: int, radius: int, border: str, device: torch.device) -> Tensor:
+    """Source indices of a length-``n`` axis padded by ``radius`` on both sides.
+
+    ``"mirror"``: ``d c b | a b c d | c b a`` (edge sample not repeated; repeated folding, so any ``radius``
+    works, where ``F.pad(mode="reflect")`` requires ``radius < n``). ``"nearest"``: ``a a a | a b c d | d d d``.
+    """
     i = torch.arange(-radius, n + radius, device=device)
+    if border == "nearest":
+        return i.clamp(0, n - 1)
     if n == 1:
         return torch.zeros_like(i)
     period = 2 * (n - 1)
@@ -287,20 +294,22 @@ def _mirror_index(n: int, radius: int, device: torch.device) -> Tensor:
     return torch.where(i >= n, period - i, i)
 
 
-def gaussian_blur(x: Tensor, sigma: float, kernel_size: int | None = None) -> Tensor:
-    """Separable Gaussian blur with mirror-reflected borders.
+def gaussian_blur(x: Tensor, sigma: float, kernel_size: int | None = None, border: str = "mirror",
+                  truncate: float = 4.0) -> Tensor:
+    """Separable Gaussian blur of every channel.
 
     The kernel is ``exp(-t² / 2σ²)`` sampled at integer offsets ``|t| ≤ r`` and normalised to sum 1, with
-    ``r = int(4σ + 0.5)`` by default (scipy's ``truncate=4``), so the result equals
-    ``scipy.ndimage.gaussian_filter(x, sigma, mode="mirror")`` over H and W. Border convention: PyTorch's
-    ``"reflect"`` (``d c b | a b c d``, edge not repeated) is scipy's ``"mirror"``; scipy's ``"reflect"``
-    repeats the edge sample and differs from this by up to a fraction of the edge gradient in the outer
-    ``r`` pixels.
+    ``r = int(truncate·σ + 0.5)``, so the result equals ``scipy.ndimage.gaussian_filter(x, sigma, mode=border,
+    truncate=truncate)`` over H and W. ``"mirror"`` (default; PyTorch's ``"reflect"``: ``d c b | a b c d``)
+    suits images; ``"nearest"`` (edge replicated) suits masks and local statistics, where the border should
+    not fold content back in.
 
     Args:
         x: ``B×C×H×W`` float image.
         sigma: standard deviation in pixels, ``≥ 0``; ``0`` returns ``x`` unchanged.
-        kernel_size: odd kernel length; default ``2 r + 1`` as above.
+        kernel_size: odd kernel length, overriding ``truncate``.
+        border: ``"mirror"`` or ``"nearest"``.
+        truncate: kernel half-width in standard deviations (scipy's default 4).
 
     Returns:
         ``B×C×H×W`` tensor (a convex combination of inputs, so ``[0, 1]`` stays ``[0, 1]``).
@@ -309,8 +318,10 @@ def gaussian_blur(x: Tensor, sigma: float, kernel_size: int | None = None) -> Te
     sigma = float(sigma)
     if not sigma >= 0.0 or math.isinf(sigma):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
     if kernel_size is None:
-        radius = int(4.0 * sigma + 0.5)
+        radius = int(truncate * sigma + 0.5)
     else:
         if int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
@@ -321,9 +332,9 @@ def gaussian_blur(x: Tensor, sigma: float, kernel_size: int | None = None) -> Te
     k = _gaussian_kernel1d(sigma, radius, x.dtype, x.device)
     # Depthwise: fold channels into the batch so one 1-channel kernel serves every channel.
     planes = x.reshape(b * c, 1, h, w)
-    planes = planes.index_select(2, _mirror_index(h, radius, x.device))
+    planes = planes.index_select(2, _border_index(h, radius, border, x.device))
     planes = F.conv2d(planes, k.view(1, 1, -1, 1))
-    planes = planes.index_select(3, _mirror_index(w, radius, x.device))
+    planes = planes.index_select(3, _border_index(w, radius, border, x.device))
     planes = F.conv2d(planes, k.view(1, 1, 1, -1))
     return planes.reshape(b, c, h, w)
 

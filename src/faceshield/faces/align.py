@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from faceshield.augment import gaussian_blur
 from faceshield.errors import ShapeError
 
 if TYPE_CHECKING:
@@ -359,8 +360,6 @@ def warp_to_crop(
     sampling = invert_affine(matrices)
     if not antialias:
         return _sample(image, sampling, out_size, mode, padding_mode, align_corners)
-    from faceshield.faces.masks import gaussian_blur  # masks imports this module; import here to avoid a cycle
-
     crops = []
     for i, sigma in enumerate(_antialias_sigmas(matrices)):
         item, samp = image[i : i + 1], sampling[i : i + 1]
@@ -368,7 +367,7 @@ def warp_to_crop(
             if padding_mode != "reflection":
                 # Blur only the part of the photo this crop reads (plus the kernel's reach), not the whole photo.
                 item, samp = _crop_to_footprint(item, samp, out_size, margin=int(3.0 * sigma + 0.5) + 2)
-            item = gaussian_blur(item, sigma)
+            item = gaussian_blur(item, sigma, border="nearest", truncate=3.0)
         crops.append(_sample(item, samp, out_size, mode, padding_mode, align_corners))
     return torch.cat(crops, dim=0)
 

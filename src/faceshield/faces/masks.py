@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from faceshield.augment import gaussian_blur
 from faceshield.errors import ShapeError
 from faceshield.faces.align import Size2, _as_points, _check_image, _check_matrices, _size2, warp_back
 
@@ -23,7 +24,6 @@ __all__ = [
     "FACE_ELLIPSE",
     "face_mask_from_landmarks",
     "feather",
-    "gaussian_blur",
     "hull_mask",
     "paste_back",
     "paste_crops",
@@ -45,42 +45,6 @@ FACE_ELLIPSE = {
 }
 
 
-def _gaussian_kernel(sigma: float, truncate: float, like: Tensor) -> Tensor:
-    radius = int(truncate * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=like.dtype, device=like.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def gaussian_blur(image: Tensor, sigma: float, truncate: float = 3.0) -> Tensor:
-    """Separable Gaussian blur of every channel, edges extended by replication.
-
-    Same weights and border handling as ``scipy.ndimage.gaussian_filter(..., mode="nearest")``: the kernel
-    covers ``±int(truncate·σ + 0.5)`` pixels.
-
-    Args:
-        image: ``B×C×H×W`` float.
-        sigma: standard deviation in pixels; ``σ ≤ 0`` returns ``image`` unchanged.
-        truncate: kernel half-width in standard deviations.
-
-    Returns:
-        ``B×C×H×W``, differentiable w.r.t. ``image``.
-    """
-    _check_image(image)
-    if sigma <= 0:
-        return image
-    kernel = _gaussian_kernel(float(sigma), truncate, image)
-    radius = kernel.numel() // 2
-    if radius == 0:
-        return image
-    b, c, h, w = image.shape
-    x = image.reshape(b * c, 1, h, w)
-    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x.reshape(b, c, h, w)
-
-
 def feather(mask: Tensor, radius: float) -> Tensor:
     """Soften mask edges with a Gaussian (σ = radius / 3, kernel ±radius pixels, replicated borders).
 
@@ -97,7 +61,7 @@ def feather(mask: Tensor, radius: float) -> Tensor:
     _check_image(mask, "mask")
     if radius <= 0:
         return mask
-    return gaussian_blur(mask, radius / 3.0, truncate=3.0).clamp(0.0, 1.0)
+    return gaussian_blur(mask, radius / 3.0, border="nearest", truncate=3.0).clamp(0.0, 1.0)
 
 
 def _grid(size: Size2, like: Tensor) -> tuple[Tensor, Tensor]:
