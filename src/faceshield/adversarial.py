@@ -145,6 +145,7 @@ def sign_attack(
     check_every: int = 0,
     generator: torch.Generator | None = None,
     random_start: bool = False,
+    gradient_sigma: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, int, dict[str, list[float]]]:
     """Iterative sign-gradient attack (PGD; MI-FGSM with ``momentum`` > 0) under a per-pixel L∞ ``budget``.
@@ -159,6 +160,9 @@ def sign_attack(
         mask: ``1×1×h×w`` in [0, 1]; the perturbation is multiplied by it (0 = pixel untouched).
         check_every: every this many steps, stop early once ``objective.succeeded`` on the untransformed image.
         random_start: start from uniform noise in the budget (Madry et al.'s PGD).
+        gradient_sigma: smooth each gradient with a Gaussian of this σ in pixels before the update
+            (translation-invariant attack, Dong et al. 2019): the perturbation stops depending on the exact
+            pixel grid of the surrogates' crops, which transfers better to other models and survives resampling.
         progress: called as ``progress(step, steps)`` after each step.
 
     Returns:
@@ -169,7 +173,7 @@ def sign_attack(
         budget_t = budget_t * mask
     delta = torch.zeros_like(image)
     if random_start:
-        delta = (torch.rand(image.shape, generator=generator, device=image.device) * 2 - 1) * budget_t
+        delta = (torch.rand(image.shape, generator=generator).to(image) * 2 - 1) * budget_t
     velocity = torch.zeros_like(image)
     history: dict[str, list[float]] = {"loss": []}
     done = 0
@@ -179,6 +183,8 @@ def sign_attack(
         sims = objective.similarities(transform(adv) if transform is not None else adv)
         loss = objective.loss(sims)
         (grad,) = torch.autograd.grad(loss, delta)
+        if gradient_sigma > 0:
+            grad = gaussian_blur(grad, gradient_sigma, border="nearest", truncate=3.0)
         history["loss"].append(loss.item())
         done = step + 1
         with torch.no_grad():

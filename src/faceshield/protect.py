@@ -87,12 +87,10 @@ class Protector:
     def _target_embeddings(self, path: Path) -> dict[str, torch.Tensor]:
         photo = load_image(path)
         landmarks = self._faces(path, photo.rgb)[:1]
-        with torch.no_grad():
-            return self.ensemble(to_tensor(photo.rgb), landmarks)
+        return self.ensemble.embed(to_tensor(photo.rgb), landmarks)
 
     def _similarities(self, image: torch.Tensor, landmarks: torch.Tensor, reference: dict) -> dict:
-        with torch.no_grad():
-            emb = self.ensemble(image, landmarks)
+        emb = self.ensemble.embed(image, landmarks)
         if self.target is not None:
             return {n: (e @ self.target[n].T).squeeze(1) for n, e in emb.items()}
         return {n: (e * reference[n]).sum(-1) for n, e in emb.items()}
@@ -139,8 +137,7 @@ class Protector:
         loaded = load_image(photo)
         landmarks = self._faces(photo, loaded.rgb)
         image = to_tensor(loaded.rgb)
-        with torch.no_grad():
-            original = self.ensemble(image, landmarks)
+        original = self.ensemble.embed(image, landmarks)
         before = self._similarities(image, landmarks, original)
         return _Job(photo, out, loaded, image, landmarks, original, before, start, time.perf_counter() - start)
 

@@ -126,6 +126,13 @@ def shipped_table() -> CalibrationTable:
     return CalibrationTable.from_json(text)
 
 
+def pair_ids(pairs_dir: Path) -> list[str]:
+    """Identity ids of a pairs folder (``train/N``), numbers in numeric order (1, 2, …, 10), then the rest."""
+    ids = [p.stem for p in (Path(pairs_dir) / "train").iterdir()
+           if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")]
+    return sorted(ids, key=lambda s: (len(s), s))
+
+
 def embed_pair_set(
     pairs_dir: Path, ensemble, detector, ids: list[str] | None = None, progress: bool = False
 ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
@@ -133,15 +140,14 @@ def embed_pair_set(
 
     Returns the ids kept, ``{model: (train N×D, test N×D)}`` and the files where no face was found.
     """
-    import torch
     from tqdm import tqdm
 
-    from faceshield.faces.detect import detect_faces, landmark_tensor
+    from faceshield.faces.detect import best_face_landmarks
     from faceshield.images import load_image, to_tensor
 
     pairs_dir = Path(pairs_dir)
     if ids is None:
-        ids = sorted(p.stem for p in (pairs_dir / "train").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        ids = pair_ids(pairs_dir)
     kept, missing = [], []
     rows: dict[str, dict[str, list[np.ndarray]]] = {n: {"train": [], "test": []} for n in ensemble.names}
     for pid in tqdm(ids, desc="pairs", unit="pair", disable=not progress):
@@ -149,13 +155,11 @@ def embed_pair_set(
         for split in ("train", "test"):
             path = next((pairs_dir / split).glob(f"{pid}.*"))
             photo = load_image(path)
-            faces = detect_faces(photo.rgb, detector)
-            if not faces:
+            landmarks = best_face_landmarks(photo.rgb, detector)
+            if landmarks is None:
                 missing.append(str(path))
                 break
-            landmarks = landmark_tensor(faces[:1])
-            with torch.no_grad():
-                per_split[split] = ensemble(to_tensor(photo.rgb), landmarks)
+            per_split[split] = ensemble.embed(to_tensor(photo.rgb), landmarks)
         if len(per_split) < 2:
             continue
         kept.append(pid)

@@ -29,9 +29,9 @@ import torch
 from PIL import Image, ImageFilter
 
 from faceshield.errors import FaceshieldError
-from faceshield.eval.calibration import far_key, shipped_table
+from faceshield.eval.calibration import far_key, pair_ids, shipped_table
 from faceshield.eval.quality import brisque, psnr, ssim
-from faceshield.faces.detect import create_detector, detect_faces, landmark_tensor
+from faceshield.faces.detect import best_face_landmarks, create_detector
 from faceshield.images import load_image, to_tensor, to_uint8
 from faceshield.methods.base import create_method, get_method_class
 from faceshield.models.ensemble import FREnsemble
@@ -96,16 +96,15 @@ class _Photo:
 
 def _load_face(path: Path, detector) -> _Photo | None:
     photo = load_image(path)
-    faces = detect_faces(photo.rgb, detector)
-    if not faces:
+    landmarks = best_face_landmarks(photo.rgb, detector)
+    if landmarks is None:
         log.warning("%s: no face found, left out of the evaluation", path)
         return None
-    return _Photo(str(path), photo.rgb, landmark_tensor(faces[:1]))
+    return _Photo(str(path), photo.rgb, landmarks)
 
 
 def _embed(ensemble: FREnsemble, rgb: np.ndarray, landmarks: torch.Tensor) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        return {k: v[0] for k, v in ensemble(to_tensor(rgb), landmarks).items()}
+    return {k: v[0] for k, v in ensemble.embed(to_tensor(rgb), landmarks).items()}
 
 
 def _build(spec: str, surrogates: tuple[str, ...], settings: dict):
@@ -114,11 +113,6 @@ def _build(spec: str, surrogates: tuple[str, ...], settings: dict):
     known = {f for f in cls.Config.__dataclass_fields__}
     overrides = {k: v for k, v in settings.items() if k in known}
     return create_method(name, preset=strength or None, surrogates=surrogates, **overrides)
-
-
-def _pair_ids(pairs_dir: Path) -> list[str]:
-    ids = [p.stem for p in (pairs_dir / "train").iterdir() if p.is_file()]
-    return sorted(ids, key=lambda s: (len(s), s))
 
 
 def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) -> dict:
@@ -133,7 +127,7 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
     detector = create_detector()
     judge_models = FREnsemble(judges)
 
-    ids = _pair_ids(Path(config.pairs_dir))[: max(config.n_pairs, config.n_per_target)]
+    ids = pair_ids(Path(config.pairs_dir))[: max(config.n_pairs, config.n_per_target)]
     sources, references = {}, {}
     for pid in tqdm(ids, desc="loading pairs", disable=not progress):
         src = _load_face(next((Path(config.pairs_dir) / "train").glob(f"{pid}.*")), detector)

@@ -8,7 +8,7 @@ import torch
 
 from faceshield.errors import FaceshieldError, NoFaceError
 from faceshield.eval.calibration import far_key, shipped_table
-from faceshield.faces.detect import create_detector, detect_faces, landmark_tensor
+from faceshield.faces.detect import best_face_landmarks, create_detector
 from faceshield.images import load_image, to_tensor
 from faceshield.models.ensemble import FREnsemble
 from faceshield.models.registry import list_fr_models
@@ -30,12 +30,10 @@ def resolve_models(spec: str) -> list[str]:
 def embed_best_face(path: Path, ensemble: FREnsemble, detector) -> dict[str, torch.Tensor]:
     """Embeddings ``{model: D}`` of the most confident face in the photo at ``path``."""
     photo = load_image(path)
-    faces = detect_faces(photo.rgb, detector)
-    if not faces:
+    landmarks = best_face_landmarks(photo.rgb, detector)
+    if landmarks is None:
         raise NoFaceError(f"{path}: no face found; use a photo where the face is visible and at least 20 px wide")
-    landmarks = landmark_tensor(faces[:1])
-    with torch.no_grad():
-        return {k: v[0] for k, v in ensemble(to_tensor(photo.rgb), landmarks).items()}
+    return {k: v[0] for k, v in ensemble.embed(to_tensor(photo.rgb), landmarks).items()}
 
 
 def verify_photos(image1: Path, image2: Path, models: str = "default", far: float = 1e-2,

@@ -318,3 +318,9 @@ def detect_faces(
     log.debug("%s: %d face(s) in %s image (detected at %s)", getattr(detector, "name", "detector"),
               len(faces), image.shape[:2], small.shape[:2])
     return sorted(faces, key=lambda f: f.score, reverse=True)
+
+
+def best_face_landmarks(rgb: np.ndarray, detector: FaceDetector) -> torch.Tensor | None:
+    """Landmarks ``1×5×2`` of the most confident face in ``rgb`` (H×W×3 uint8), or None when there is none."""
+    faces = detect_faces(rgb, detector)
+    return landmark_tensor(faces[:1]) if faces else None

@@ -11,9 +11,12 @@ by a margin. Dodging by default; impersonation when given a target's embeddings.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from faceshield.adversarial import (
-    IdentityObjective, face_region, sign_attack, texture_budget,
+    IdentityObjective, face_region, input_diversity, sign_attack, texture_budget,
 )
 from faceshield.augment import RandomTransforms
 from faceshield.faces.masks import face_mask_from_landmarks
@@ -34,6 +37,9 @@ class CloakConfig:
             (1 − threshold) (see :class:`faceshield.adversarial.IdentityObjective`); larger transfers better.
         mask_scale: size of the face ellipse the perturbation is confined to (1 = forehead to chin).
         eot: optimise over random JPEG (q 50–95), resize (×0.5–1) and blur (σ ≤ 1) transforms.
+        gradient_sigma: Gaussian smoothing (σ, pixels) of each gradient (translation invariance); 0 = off.
+        diversity: probability per step of a random rescale (×0.9–1.1) and shift of the input (input
+            diversity, Xie et al. 2019); 0 = off.
         check_every: how often (steps) to test for early success.
         surrogates: FR models attacked; empty = every calibrated model with AUC ≥ 0.9.
         seed, device: randomness and where to run.
@@ -47,6 +53,8 @@ class CloakConfig:
     margin: float = 0.5
     mask_scale: float = 1.3
     eot: bool = True
+    gradient_sigma: float = 0.0
+    diversity: float = 0.0
     check_every: int = 5
     surrogates: tuple[str, ...] = ()
     seed: int = 0
@@ -73,14 +81,29 @@ class Cloak(FRAttackMethod):
         cfg = self.config
         # Work on the faces' neighbourhood only: the surrogates never look further, and it keeps big photos cheap.
         region = face_region(tuple(image.shape[-2:]), landmarks)
-        x, lm = region.crop(image), region.shift(landmarks.to(image))
+        x = region.crop(image).to(cfg.device)
+        lm = region.shift(landmarks.to(image)).to(x)
         objective = IdentityObjective(self.ensemble, x, lm, target, self.thresholds or None, cfg.margin)
         mask = face_mask_from_landmarks(lm, tuple(x.shape[-2:]), scale=cfg.mask_scale, softness=0.25)
         mask = mask.amax(dim=0, keepdim=True)
         budget = texture_budget(x, cfg.epsilon, cfg.texture_floor)
-        transform = RandomTransforms(seed=cfg.seed) if cfg.eot else None
+        transform = _transforms(cfg)
         out, steps, history = sign_attack(
             x, objective, budget, cfg.steps, cfg.step_size or cfg.epsilon / 4, momentum=cfg.momentum,
-            transform=transform, mask=mask, check_every=cfg.check_every, progress=progress,
+            transform=transform, mask=mask, check_every=cfg.check_every, gradient_sigma=cfg.gradient_sigma,
+            progress=progress,
         )
-        return ProtectionResult(region.paste(image, out), steps, history)
+        return ProtectionResult(region.paste(image, out.to(image)), steps, history)
+
+
+def _transforms(cfg: CloakConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The random transforms applied before the surrogates each step: EOT, then input diversity."""
+    eot = RandomTransforms(seed=cfg.seed) if cfg.eot else None
+    if cfg.diversity <= 0:
+        return eot
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        return input_diversity(eot(x) if eot is not None else x, cfg.diversity, generator=generator)
+
+    return transform

@@ -42,8 +42,9 @@ class PGD(FRAttackMethod):
         check_photo(image, landmarks)
         cfg = self.config
         # Plain PGD: no thresholds and margins, just the raw cosine objective for the full number of steps.
-        objective = IdentityObjective(self.ensemble, image, landmarks, target)
+        x, landmarks = image.to(cfg.device), landmarks.to(cfg.device, image.dtype)
+        objective = IdentityObjective(self.ensemble, x, landmarks, target)
         generator = torch.Generator().manual_seed(cfg.seed)
-        out, steps, history = sign_attack(image, objective, cfg.epsilon, cfg.steps, cfg.step_size,
+        out, steps, history = sign_attack(x, objective, cfg.epsilon, cfg.steps, cfg.step_size,
                                           generator=generator, random_start=cfg.random_start, progress=progress)
-        return ProtectionResult(out, steps, history)
+        return ProtectionResult(out.to(image), steps, history)

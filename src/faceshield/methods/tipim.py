@@ -48,10 +48,11 @@ class TIPIM(FRAttackMethod):
     def protect(self, image, landmarks, target=None, progress=None) -> ProtectionResult:
         check_photo(image, landmarks)
         cfg = self.config
-        objective = IdentityObjective(self.ensemble, image, landmarks, target)
+        x, landmarks = image.to(cfg.device), landmarks.to(cfg.device, image.dtype)
+        objective = IdentityObjective(self.ensemble, x, landmarks, target)
         generator = torch.Generator().manual_seed(cfg.seed)
         step = cfg.step_size or cfg.epsilon / cfg.steps * 2.5
         transform = partial(input_diversity, probability=cfg.diversity_probability, generator=generator)
-        out, steps, history = sign_attack(image, objective, cfg.epsilon, cfg.steps, step,
+        out, steps, history = sign_attack(x, objective, cfg.epsilon, cfg.steps, step,
                                           momentum=cfg.momentum, transform=transform, progress=progress)
-        return ProtectionResult(out, steps, history)
+        return ProtectionResult(out.to(image), steps, history)

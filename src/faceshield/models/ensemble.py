@@ -53,3 +53,9 @@ class FREnsemble(nn.Module):
                              f"faces, got {tuple(image.shape)}")
         landmarks = landmarks.to(image)
         return {name: model(self.align(image, landmarks, name)) for name, model in self.models.items()}
+
+    @torch.no_grad()
+    def embed(self, image: torch.Tensor, landmarks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`forward` without gradients, run where the models are; the embeddings come back on the CPU."""
+        device = next(self.parameters(), torch.empty(0)).device
+        return {k: v.cpu() for k, v in self(image.to(device), landmarks.to(device)).items()}
