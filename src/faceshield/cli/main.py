@@ -243,13 +243,17 @@ def calibrate(pairs_dir: Path, model_names: str, limit: int | None, detector: st
 
 
 # --- protect --------------------------------------------------------------------------------------------------
-def parse_overrides(config_class: type, items: tuple[str, ...]) -> dict:
-    """``key=value`` strings → typed config overrides (ints, floats, bools, comma-separated tuples)."""
+def parse_overrides(config_classes: type | tuple[type, ...], items: tuple[str, ...]) -> dict:
+    """``key=value`` strings → typed overrides (ints, floats, bools, comma-separated tuples) of the fields of one
+    config dataclass, or of several (a key is typed by the first config that has it)."""
     import dataclasses
     import typing
 
-    hints = typing.get_type_hints(config_class)
-    known = {f.name for f in dataclasses.fields(config_class)}
+    classes = config_classes if isinstance(config_classes, tuple) else (config_classes,)
+    hints = {}
+    for cls in reversed(classes):
+        hints.update(typing.get_type_hints(cls))
+    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
     overrides = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -383,19 +387,24 @@ def methods_cmd(as_json: bool) -> None:
 @click.option("--no-robustness", is_flag=True, help="Skip the JPEG / resize / blur measurements.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method setting for every method "
               "that has it, e.g. --set steps=20.")
+@click.option("--diffusion-model", metavar="HUB_ID|FOLDER", help="Stable Diffusion model of the diffusion methods.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default="faceshield-eval",
               help="Folder for report.json and report.html.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, surrogates, no_robustness, settings,
-             output, quiet, as_json) -> None:
+             diffusion_model, output, quiet, as_json) -> None:
     """Measure protection the way the literature does: leave-one-out black-box PSR, quality, speed, robustness."""
     from faceshield.eval.protocol import EvalConfig
     from faceshield.eval.protocol import evaluate as run_protocol
     from faceshield.eval.report import to_json, write_report
-    from faceshield.methods.cloak import CloakConfig
+    from faceshield.methods.base import get_method_class
 
     specs = tuple(m.strip() for m in methods.split(",") if m.strip())
+    configs = tuple(get_method_class(spec.partition("@")[0]).Config for spec in specs)
+    overrides = parse_overrides(configs, settings) if settings else {}
+    if diffusion_model:
+        overrides["diffusion_model"] = diffusion_model
     config = EvalConfig(
         methods=specs, pairs_dir=pairs_dir,
         targets_dir=None if str(targets_dir) == "none" else targets_dir,
@@ -403,8 +412,7 @@ def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, sur
         judges=tuple(j.strip() for j in judges.split(",") if j.strip()),
         surrogates=tuple(m.strip() for m in surrogates.split(",") if m.strip()),
         robustness=not no_robustness,
-        # typed like cloak's settings; each method takes the ones it has
-        settings=parse_overrides(CloakConfig, settings) if settings else {},
+        settings=overrides,  # each method takes the ones it has
     )
     result = run_protocol(config, progress=not quiet and not as_json)
     result["config"]["command"] = "faceshield " + " ".join(shlex.quote(a) for a in sys.argv[1:])

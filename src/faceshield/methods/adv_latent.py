@@ -1,4 +1,4 @@
-"""``adv-latent``: Weakening Diffusion Purification (adversarial latent code; CVPR 2025).
+"""Weakening Diffusion Purification (CVPR 2025) as ``adv-latent``: an adversarial latent code of Stable Diffusion.
 
 Paper summary: ../shared/papers/weakening-diffusion-purification.txt; algorithm and defaults: METHODS.md.
 

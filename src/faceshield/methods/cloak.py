@@ -4,7 +4,9 @@ Gradients of a surrogate FR ensemble reach the photo through the differentiable 
 lives only on the face (a feathered ellipse from the landmarks), under a texture-adaptive L∞ budget (full ε on
 textured pixels, down to ``texture_floor``·ε on smooth skin, where noise shows most), and is optimised with
 momentum over random JPEG / resize / blur transforms (expectation over transformation), so that it survives
-the recompression of social networks. It stops as soon as every surrogate is past its calibrated threshold
+the recompression of social networks. For transfer to FR models it was never optimised against, each gradient is
+smoothed by a small Gaussian (translation invariance) and the input is randomly rescaled and shifted (input
+diversity). It stops as soon as every surrogate is past its calibrated threshold
 by a margin. Dodging by default; impersonation when given a target's embeddings.
 """
 
@@ -45,7 +47,7 @@ class CloakConfig:
         seed, device: randomness and where to run.
     """
 
-    epsilon: float = 6 / 255
+    epsilon: float = 8 / 255
     texture_floor: float = 0.75
     steps: int = 50
     step_size: float = 0.0
@@ -53,20 +55,22 @@ class CloakConfig:
     margin: float = 0.5
     mask_scale: float = 1.3
     eot: bool = True
-    gradient_sigma: float = 0.0
-    diversity: float = 0.0
+    gradient_sigma: float = 1.0
+    diversity: float = 0.7
     check_every: int = 5
     surrogates: tuple[str, ...] = ()
     seed: int = 0
     device: str = "cpu"
 
 
-# Presets (like Fawkes' modes). "high" was measured on 10 celebahq pairs, leave-one-out over the 3 strong
-# models: dodging PSR@1e-2 47 %, PSNR 36.1 dB, SSIM 0.943 (docs/benchmarks.md has the full tables).
+# Presets (like Fawkes' modes). Chosen on 8 celebahq pairs, leave-one-out over the 3 strong models (mean dodging
+# PSR@1e-2 / SSIM): the pixel-exact attack of session 1 (ε 6/255, no smoothing or diversity) 25 % / 0.968; with
+# gradient smoothing σ 1.5 and diversity 0.5 at ε 8/255 54 % / 0.964, at ε 10/255 75 % / 0.949; σ 1.0 and
+# diversity 0.7 at ε 8/255 67 % / 0.961 (this "mid"). docs/benchmarks.md has the full-size run.
 STRENGTHS: dict[str, dict] = {
-    "low": {"epsilon": 4 / 255, "steps": 30, "margin": 0.2, "texture_floor": 0.5},
+    "low": {"epsilon": 5 / 255, "steps": 30, "margin": 0.2, "texture_floor": 0.5},
     "mid": {},
-    "high": {"epsilon": 8 / 255, "steps": 60, "margin": 1.0, "texture_floor": 0.75, "mask_scale": 1.4},
+    "high": {"epsilon": 10 / 255, "steps": 60, "margin": 1.0, "mask_scale": 1.4},
 }
 
 
