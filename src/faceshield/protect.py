@@ -59,7 +59,7 @@ def output_path(photo: Path, root: Path | None, out_dir: Path | None) -> Path:
 
 
 class Protector:
-    """Protects photos one after another with one method (models loaded once).
+    """Protects photos with one method (models loaded once), a batch of photos per :meth:`protect_files` call.
 
     Args:
         method: a built method (see :func:`faceshield.methods.base.create_method`).
@@ -94,12 +94,6 @@ class Protector:
         if self.target is not None:
             return {n: (e @ self.target[n].T).squeeze(1) for n, e in emb.items()}
         return {n: (e * reference[n]).sum(-1) for n, e in emb.items()}
-
-    def protect_file(self, photo: Path, out: Path, progress: Callable[[int, int], None] | None = None) -> PhotoRecord:
-        """Protect one photo into ``out``; raises FaceshieldError on a bad photo (nothing written then)."""
-        job = self._prepare(photo, out)
-        result = self.method.protect(job.image, job.landmarks, self.target, progress=progress)
-        return self._finish(job, result, time.perf_counter() - job.start)
 
     def protect_files(self, jobs: list[tuple[Path, Path]], progress: Callable[[int, int], None] | None = None
                       ) -> list[PhotoRecord]:
@@ -139,7 +133,7 @@ class Protector:
         image = to_tensor(loaded.rgb)
         original = self.ensemble.embed(image, landmarks)
         before = self._similarities(image, landmarks, original)
-        return _Job(photo, out, loaded, image, landmarks, original, before, start, time.perf_counter() - start)
+        return _Job(photo, out, loaded, image, landmarks, original, before, time.perf_counter() - start)
 
     def _finish(self, job: "_Job", result, seconds: float) -> PhotoRecord:
         start = time.perf_counter()
@@ -172,7 +166,6 @@ class _Job:
     landmarks: torch.Tensor
     original: dict
     before: dict
-    start: float
     seconds: float  # spent preparing
 
 

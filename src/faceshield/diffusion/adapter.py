@@ -2,7 +2,7 @@
 
 Everything else in faceshield sees a :class:`StableDiffusion` with plain-tensor methods (encode / decode images,
 encode prompts, predict noise, DDIM timesteps) and :class:`SelfAttentionRecorder`. When diffusers changes, this
-file and its tests (``tests/test_diffusion_adapter.py``) are what to update.
+file and its tests (``tests/test_diffusion.py``) are what to update.
 
 Attention maps are recorded through diffusers' processor API (``unet.set_attn_processor``), never by matching
 class names, and a run that needed maps but recorded none raises instead of computing a zero loss.
@@ -62,10 +62,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    names = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise DiffusionModelError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+        raise DiffusionModelError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16, float16 or float64")
     return names[dtype]
 
 
@@ -256,11 +256,12 @@ def _quiet_libraries() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
-def _load_component(cls, source: str, subfolder: str, **kwargs):
+def _load_component(load, source: str, subfolder: str, **kwargs):
+    """``load(source, subfolder=…, **kwargs)`` (a ``from_pretrained`` or ``load_config``), any failure → one line."""
     try:
         with _quiet_libraries(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+            return load(source, subfolder=subfolder, **kwargs)
     except Exception as error:  # diffusers/transformers/hub raise many types; the user needs one message
         if kwargs.get("local_files_only") and not Path(source).is_dir():
             reason = "not in the Hugging Face cache, and downloads are off (FACESHIELD_OFFLINE / HF_HUB_OFFLINE)"
@@ -288,7 +289,7 @@ def load_stable_diffusion(source: str | Path = DEFAULT_MODEL, device: str | torc
     ``HF_HUB_OFFLINE=1``. Any failure raises one :class:`DiffusionModelError` line saying how to provide the model.
     """
     require_diffusers()
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = str(source)
@@ -309,11 +310,11 @@ def load_stable_diffusion(source: str | Path = DEFAULT_MODEL, device: str | torc
     if not cached:
         log.warning("downloading Stable Diffusion %s from the Hugging Face hub (several GB, once)", source)
     hub = {"local_files_only": cached, "revision": revision}
-    unet = _load_component(UNet2DConditionModel, source, "unet", torch_dtype=torch_dtype, **hub)
-    vae = _load_component(AutoencoderKL, source, "vae", torch_dtype=torch_dtype, **hub)
-    text_encoder = _load_component(CLIPTextModel, source, "text_encoder", dtype=torch_dtype, **hub)
-    tokenizer = _load_component(CLIPTokenizer, source, "tokenizer", **hub)
-    scheduler_config = _load_scheduler_config(source, local, hub)
+    unet = _load_component(UNet2DConditionModel.from_pretrained, source, "unet", torch_dtype=torch_dtype, **hub)
+    vae = _load_component(AutoencoderKL.from_pretrained, source, "vae", torch_dtype=torch_dtype, **hub)
+    text_encoder = _load_component(CLIPTextModel.from_pretrained, source, "text_encoder", dtype=torch_dtype, **hub)
+    tokenizer = _load_component(CLIPTokenizer.from_pretrained, source, "tokenizer", **hub)
+    scheduler_config = dict(_load_component(DDIMScheduler.load_config, source, "scheduler", **hub))
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
     log.info("loaded Stable Diffusion %s (%s, %s)", source, device, torch_dtype)
@@ -333,17 +334,6 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
 def cached_stable_diffusion(source: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "auto") -> StableDiffusion:
     """:func:`load_stable_diffusion`, loaded once per process (the weights are frozen, so sharing is safe)."""
     return load_stable_diffusion(source, device, dtype)
-
-
-def _load_scheduler_config(source: str, local: bool, hub: dict) -> dict:
-    from diffusers import DDIMScheduler
-
-    try:
-        config = DDIMScheduler.load_config(source, subfolder="scheduler", **hub)
-    except Exception as error:
-        raise DiffusionModelError(f"cannot load the scheduler of Stable Diffusion {source!r} ({error}); "
-                                  f"{_how_to_provide(source)}") from error
-    return dict(config)
 
 
 # --------------------------------------------------------------------------- models with random weights
