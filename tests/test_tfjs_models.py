@@ -252,3 +252,23 @@ def test_explicit_padding_uint8_weights_and_float16(tmp_path):
     torch.testing.assert_close(ours, expected.permute(0, 2, 3, 1), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="expects"):
         graph(torch.randn(1, 3, 5, 6, dtype=torch.float64))
+
+
+def test_clip_by_value_against_scalars_matches_torch_and_passes_gradcheck(tmp_path):
+    # ReLU6 as TF exports it (Minimum then Maximum against scalar constants, run as hardtanh), followed by a
+    # Maximum of two tensors (the general elementwise path).
+    nodes = [
+        _placeholder([-1, 3, 4, 2]),
+        {"name": "six", "op": "Const"},
+        {"name": "zero", "op": "Const"},
+        {"name": "lo", "op": "Minimum", "input": ["x", "six"]},
+        {"name": "clip", "op": "Maximum", "input": ["lo", "zero"]},
+        {"name": "y", "op": "Maximum", "input": ["clip", "x"]},
+    ]
+    weights = [({"name": "six", "shape": [], "dtype": "float32"}, np.float32(6).tobytes()),
+               ({"name": "zero", "shape": [], "dtype": "float32"}, np.float32(0).tobytes())]
+    graph = load_tfjs_graph(_write_graph(tmp_path, nodes, weights)).double()
+    x = (torch.rand(2, 2, 3, 4, dtype=torch.float64) * 16 - 8).requires_grad_(True)
+    expected = torch.maximum(x.clamp(0, 6), x).permute(0, 2, 3, 1)
+    torch.testing.assert_close(graph(x), expected, atol=0, rtol=0)
+    assert torch.autograd.gradcheck(graph, (x,), eps=1e-6, atol=1e-6)
