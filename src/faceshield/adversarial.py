@@ -146,6 +146,7 @@ def sign_attack(
     generator: torch.Generator | None = None,
     random_start: bool = False,
     gradient_sigma: float = 0.0,
+    constraint: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, int, dict[str, list[float]]]:
     """Iterative sign-gradient attack (PGD; MI-FGSM with ``momentum`` > 0) under a per-pixel L∞ ``budget``.
@@ -163,6 +164,8 @@ def sign_attack(
         gradient_sigma: smooth each gradient with a Gaussian of this σ in pixels before the update
             (translation-invariant attack, Dong et al. 2019): the perturbation stops depending on the exact
             pixel grid of the surrogates' crops, which transfers better to other models and survives resampling.
+        constraint: maps the perturbation to a feasible one after each step's L∞ projection (e.g.
+            :func:`quality_constraint`).
         progress: called as ``progress(step, steps)`` after each step.
 
     Returns:
@@ -195,6 +198,8 @@ def sign_attack(
                 direction = grad.sign()
             delta = torch.maximum(torch.minimum(delta - step_size * direction, budget_t), -budget_t)
             delta = (image + delta).clamp(0, 1) - image
+            if constraint is not None:
+                delta = constraint(delta)
         if progress is not None:
             progress(done, steps)
         if check_every and done % check_every == 0:
@@ -202,6 +207,36 @@ def sign_attack(
                 if objective.succeeded(objective.similarities((image + delta).clamp(0, 1))):
                     break
     return (image + delta).clamp(0, 1).detach(), done, history
+
+
+def quality_constraint(image: torch.Tensor, min_ssim: float = 0.0, min_psnr: float = 0.0, tries: int = 4
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A perceptual budget on top of L∞: the perturbation, scaled down just enough that ``image + delta`` keeps
+    an SSIM ≥ ``min_ssim`` and a PSNR ≥ ``min_psnr`` dB to ``image`` (``1×3×h×w``, h, w ≥ 11; 0 = no floor);
+    unchanged when it already does.
+
+    The L∞ bound alone spends the same ε on a photo of smooth skin, where it shows (low SSIM), as on a textured
+    one, where it does not; with these floors every photo gets the most perturbation its content hides. The
+    PSNR factor is exact (``√(MSE_max / MSE)``); for small perturbations 1 − SSIM grows with the square of their
+    scale, so its factor is ``√((1 − floor) / (1 − SSIM))`` (a hair less), checked and repeated at most
+    ``tries`` times.
+    """
+    from faceshield.eval.quality import ssim
+
+    max_mse = 10 ** (-min_psnr / 10) if min_psnr > 0 else float("inf")
+
+    def project(delta: torch.Tensor) -> torch.Tensor:
+        mse = float(((image + delta).clamp(0, 1) - image).square().mean())
+        if mse > max_mse:
+            delta = delta * (0.999 * (max_mse / mse) ** 0.5)
+        for _ in range(tries if min_ssim > 0 else 0):
+            value = float(ssim((image + delta).clamp(0, 1), image))
+            if value >= min_ssim:
+                break
+            delta = delta * (0.998 * ((1.0 - min_ssim) / (1.0 - value)) ** 0.5)
+        return delta
+
+    return project
 
 
 def surrogate_ensemble(names: tuple[str, ...] | list[str], device: str | torch.device = "cpu",
