@@ -15,7 +15,9 @@ from PIL import Image
 
 from conftest import PAIRS, pair_ids
 from faceshield.errors import FaceshieldError
-from faceshield.eval.report import CROP_PX, DIFF_GAIN, face_crop_box, render_html, to_json, write_report
+from faceshield.eval.report import (
+    CROP_PX, DIFF_GAIN, face_crop_box, merge_results, render_html, to_json, write_report,
+)
 
 pytest.importorskip("matplotlib", reason="the HTML report needs matplotlib: pip install 'faceshield[eval]'")
 
@@ -225,3 +227,24 @@ def test_examples_without_images(result):
     page = render_html(loaded)
     assert "images not stored" in page
     assert len(_pngs(page)) == 3
+
+
+def test_runs_of_single_methods_merge_into_one_report(result):
+    def only(spec: str) -> dict:
+        return {**result, "methods": {spec: result["methods"][spec]},
+                "examples": [e for e in result["examples"] if e["method"] == spec]}
+
+    # as a benchmark that runs (and resumes) one method at a time would: some runs come back from report.json
+    runs = [only(s) for s in SPECS]
+    runs[1] = json.loads(to_json(runs[1]))
+    merged = merge_results(runs)
+    assert list(merged["methods"]) == SPECS and merged["config"]["methods"] == SPECS
+    assert merged["methods"] == result["methods"] and len(merged["examples"]) == len(result["examples"])
+    assert "cloak@mid" in render_html(merged)
+    other_pairs = {**only("pgd"), "n_dodging": 100}
+    with pytest.raises(FaceshieldError, match="different n_dodging"):
+        merge_results([only("cloak@low"), other_pairs])
+    with pytest.raises(FaceshieldError, match="more than one"):
+        merge_results([only("pgd"), only("pgd")])
+    with pytest.raises(FaceshieldError, match="no evaluation"):
+        merge_results([])

@@ -81,6 +81,35 @@ def to_json(result: dict) -> str:
     return json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
 
 
+# Everything that makes two evaluations comparable: same pairs, judges, thresholds and targets.
+_PROTOCOL_KEYS = ("judges", "thresholds", "n_dodging", "n_impersonation_per_target", "targets", "floor")
+
+
+def merge_results(results: list[dict]) -> dict:
+    """One result (one table, one page) from evaluations of different methods under the same protocol, e.g.
+    one run per method so that a long benchmark can be resumed method by method.
+
+    Raises:
+        FaceshieldError: nothing to merge, the runs differ in pairs, judges, thresholds or targets (naming which),
+            or two runs report the same method.
+    """
+    if not results:
+        raise FaceshieldError("no evaluation results to merge")
+    merged = {**results[0], "methods": {}, "examples": []}
+    for r in results:
+        for key in _PROTOCOL_KEYS:
+            if r.get(key) != merged.get(key):
+                raise FaceshieldError(f"cannot merge evaluations with different {key}: "
+                                      f"{merged.get(key)!r} vs {r.get(key)!r}")
+        twice = set(r["methods"]) & set(merged["methods"])
+        if twice:
+            raise FaceshieldError(f"method {sorted(twice)[0]} is in more than one of the evaluations to merge")
+        merged["methods"].update(r["methods"])
+        merged["examples"] += r.get("examples", [])
+    merged["config"] = {**merged.get("config", {}), "methods": list(merged["methods"])}
+    return merged
+
+
 # ------------------------------------------------------------------------------------- formatting
 
 
