@@ -1,13 +1,14 @@
 """faceshield's default protector, ``cloak``: an invisible, robust perturbation of the photo's own pixels.
 
 Gradients of a surrogate FR ensemble reach the photo through the differentiable alignment. The perturbation
-lives only on the face (a feathered ellipse from the landmarks), under a texture-adaptive L∞ budget (full ε on
-textured pixels, down to ``texture_floor``·ε on smooth skin, where noise shows most), and is optimised with
-momentum over random JPEG / resize / blur transforms (expectation over transformation), so that it survives
-the recompression of social networks. For transfer to FR models it was never optimised against, each gradient is
-smoothed by a small Gaussian (translation invariance) and the input is randomly rescaled and shifted (input
-diversity). It stops as soon as every surrogate is past its calibrated threshold
-by a margin. Dodging by default; impersonation when given a target's embeddings.
+lives only on the face (a feathered ellipse from the landmarks), under a perceptual budget: a texture-adaptive
+L∞ bound (full ε on textured pixels, down to ``texture_floor``·ε on smooth skin, where noise shows most) plus
+floors on the SSIM and PSNR of the face region, which scale the perturbation down on photos whose content hides
+less of it. It is optimised with momentum over random JPEG / resize / blur transforms (expectation over
+transformation), so that it survives the recompression of social networks. For transfer to FR models it was
+never optimised against, each gradient is smoothed by a small Gaussian (translation invariance) and the input is
+randomly rescaled and shifted (input diversity). It stops as soon as every surrogate is past its calibrated
+threshold by a margin. Dodging by default; impersonation when given a target's embeddings.
 """
 
 from __future__ import annotations
