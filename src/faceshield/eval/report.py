@@ -292,7 +292,7 @@ def _plot_tradeoff(result: dict, mpl) -> tuple[str, int] | None:
     for base, pts in bases.items():
         pts.sort(key=lambda t: t[1])
         xs, ys = [t[1] for t in pts], [t[2] for t in pts]
-        ax.plot(xs, ys, "-o" if len(pts) > 1 else "o", color=colours[base], label=base, markersize=7)
+        ax.plot(xs, ys, "-o" if len(pts) > 1 else "o", color=colours[base], markersize=7)
         for spec, sx, sy in pts:
             ax.annotate(spec, (sx, sy), textcoords="offset points", xytext=(6, 5), fontsize=8)
     floor = _mean([_floor(result, "dodging").get(j, {}).get(far) for j in judges])
@@ -308,7 +308,7 @@ def _plot_tradeoff(result: dict, mpl) -> tuple[str, int] | None:
     ax.set_ylabel(f"dodging PSR, mean over judges, FAR {_far_label(far)}")
     ax.set_title("Protection against image quality", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best", frameon=False)
+    # No legend: every point is labelled, and a legend inside the axes reads as one more data point.
     return _figure_png(fig, Canvas)
 
 
