@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 from faceshield.eval.protocol import EvalConfig, evaluate
@@ -103,6 +105,7 @@ def main() -> None:
         write_report(evaluate(config), folder)
     runs = [json.loads(p.read_text()) for p in sorted(args.output.glob("*/report.json"))]
     merged = merge_results(runs)
+    merged["config"]["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     write_report(merged, args.output)
     text = tables(merged)
     write_text_atomic(args.output / "tables.md", text)

@@ -239,6 +239,7 @@ def test_runs_of_single_methods_merge_into_one_report(result):
     runs[1] = json.loads(to_json(runs[1]))
     merged = merge_results(runs)
     assert list(merged["methods"]) == SPECS and merged["config"]["methods"] == SPECS
+    assert "command" not in merged["config"]  # no single run's command made the whole
     assert merged["methods"] == result["methods"] and len(merged["examples"]) == len(result["examples"])
     assert "cloak@mid" in render_html(merged)
     other_pairs = {**only("pgd"), "n_dodging": 100}

@@ -107,6 +107,8 @@ def merge_results(results: list[dict]) -> dict:
         merged["methods"].update(r["methods"])
         merged["examples"] += r.get("examples", [])
     merged["config"] = {**merged.get("config", {}), "methods": list(merged["methods"])}
+    if len(results) > 1:  # each run's command made one part only; the caller may name the one that made the whole
+        merged["config"].pop("command", None)
     return merged
 
 
