@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import PAIRS, pair_ids
 from faceshield.errors import FaceshieldError
 from faceshield.eval.report import (
-    CROP_PX, DIFF_GAIN, face_crop_box, merge_results, render_html, to_json, write_report,
+    CROP_PX, DIFF_GAIN, face_crop_box, markdown_tables, merge_results, render_html, to_json, write_report,
 )
 
 pytest.importorskip("matplotlib", reason="the HTML report needs matplotlib: pip install 'faceshield[eval]'")
@@ -249,3 +249,17 @@ def test_runs_of_single_methods_merge_into_one_report(result):
         merge_results([only("pgd"), only("pgd")])
     with pytest.raises(FaceshieldError, match="no evaluation"):
         merge_results([])
+
+
+def test_markdown_tables_carry_the_numbers(result):
+    text = markdown_tables(result)
+    first_row = next(line for line in text.splitlines() if line.startswith("| cloak@mid | "))  # dodging
+    m = result["methods"]["cloak@mid"]
+    dodging = [m["judges"][j]["dodging"]["0.01"] for j in JUDGES]
+    expected = [f"{100 * x:.0f} %" for x in dodging] + [f"**{100 * sum(dodging) / 2:.0f} %**"]
+    assert first_row.startswith("| cloak@mid | " + " | ".join(expected) + " | ")
+    assert "| unprotected (floor) | 2 % | 2 % | 2 % | 5 % |" in text  # floor by judge, mean, mean at 1e-3
+    assert "| cloak@mid | 37.0 (32.0) | 0.960 (0.920) | 21.0 | 2.5 |" in text
+    assert text.count("\n| pgd | ") == 3 and "005869" in text  # dodging, impersonation, quality
+    no_imp = markdown_tables(synthetic_result(result["examples"], impersonation=False))
+    assert "Impersonation" not in no_imp and no_imp.count("\n| pgd | ") == 2

@@ -656,6 +656,63 @@ def render_html(result: dict) -> str:
     return "\n".join(parts)
 
 
+def markdown_tables(result: dict) -> str:
+    """The report's numbers as markdown (for docs): dodging by held-out judge with the mean at the stricter FAR
+    and after each degradation, impersonation by target and by judge, quality and seconds per photo. PSR in whole
+    percent; "—" where not measured."""
+    judges, fars = result["judges"], _far_keys(result)
+    far = _primary_far(fars)
+    strict = [f for f in fars if f != far][:1]
+
+    def pct(x: float | None) -> str:
+        return "—" if x is None else f"{100 * x:.0f} %"
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def head(columns: list[str]) -> list[str]:
+        return [row("method", columns), "|---" * (len(columns) + 1) + "|"]
+
+    methods, floor = result["methods"], _floor(result, "dodging")
+    out = [f"Dodging PSR at FAR {_far_label(far)} by held-out judge ({result.get('n_dodging')} pairs); the mean over "
+           f"judges{''.join(f' at FAR {_far_label(f)}' for f in strict)} and after each degradation:", ""]
+    out += head(judges + ["mean"] + [f"mean @{_far_label(f)}" for f in strict]
+                + [f"after {label}" for label in ROBUSTNESS_LABELS.values()])
+    out.append(row("unprotected (floor)", [pct(floor.get(j, {}).get(far)) for j in judges]
+                   + [pct(_mean([floor.get(j, {}).get(f) for j in judges])) for f in [far] + strict]
+                   + [""] * len(ROBUSTNESS_LABELS)))
+    for spec, m in methods.items():
+        out.append(row(spec, [pct(_dodging(m, j, far)) for j in judges]
+                       + [f"**{pct(_mean([_dodging(m, j, far) for j in judges]))}**"]
+                       + [pct(_mean([_dodging(m, j, f) for j in judges])) for f in strict]
+                       + [pct(_mean([_robust(m, j, kind, far) for j in judges])) for kind in ROBUSTNESS_LABELS]))
+
+    targets = result.get("targets") or []
+    if _has_impersonation(result):
+        out += ["", f"Impersonation PSR at FAR {_far_label(far)} ({result.get('n_impersonation_per_target')} sources "
+                "per target), mean over held-out judges, by target; then by judge, mean over targets:", ""]
+        out += head([_target_label(t) for t in targets] + judges + ["mean"])
+        imp_floor = _floor(result, "impersonation")
+        if imp_floor:
+            out.append(row("unprotected (floor)", [""] * len(targets)
+                           + [pct(imp_floor.get(j, {}).get(far)) for j in judges]
+                           + [pct(_mean([imp_floor.get(j, {}).get(far) for j in judges]))]))
+        for spec, m in methods.items():
+            by_judge = [_mean([_impersonation(m, [j], t, far) for t in targets]) for j in judges]
+            out.append(row(spec, [pct(_impersonation(m, judges, t, far)) for t in targets]
+                           + [pct(x) for x in by_judge] + [f"**{pct(_mean(by_judge))}**"]))
+
+    out += ["", "Quality of the whole protected photo (mean, minimum in brackets; BRISQUE: lower is better) and "
+            "seconds per photo:", ""]
+    out += head(["PSNR dB", "SSIM", "BRISQUE", "s per photo"])
+    for spec, m in methods.items():
+        q, lo = m.get("quality", {}), m.get("quality_min", {})
+        out.append(row(spec, [f"{_num(q.get('psnr'), '.1f')} ({_num(lo.get('psnr'), '.1f')})",
+                              f"{_num(q.get('ssim'), '.3f')} ({_num(lo.get('ssim'), '.3f')})",
+                              _num(q.get("brisque"), ".1f"), _num(q.get("seconds"), ".1f")]))
+    return "\n".join(out) + "\n"
+
+
 def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.html`` to ``out_dir`` (created if needed), each atomically.
 
