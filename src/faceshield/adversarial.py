@@ -9,6 +9,7 @@ taken with the differentiable alignment, so gradients land on the photo's own pi
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -217,18 +218,16 @@ def quality_constraint(image: torch.Tensor, min_ssim: float = 0.0, min_psnr: flo
 
     The L∞ bound alone spends the same ε on a photo of smooth skin, where it shows (low SSIM), as on a textured
     one, where it does not; with these floors every photo gets the most perturbation its content hides. The
-    PSNR factor is exact (``√(MSE_max / MSE)``); for small perturbations 1 − SSIM grows with the square of their
-    scale, so its factor is ``√((1 − floor) / (1 − SSIM))`` (a hair less), checked and repeated at most
-    ``tries`` times.
+    PSNR factor is exact (PSNR rises by 20·log10(1/factor) dB); for small perturbations 1 − SSIM grows with the
+    square of their scale, so its factor is ``√((1 − floor) / (1 − SSIM))`` (a hair less), checked and repeated
+    at most ``tries`` times.
     """
-    from faceshield.eval.quality import ssim
-
-    max_mse = 10 ** (-min_psnr / 10) if min_psnr > 0 else float("inf")
+    from faceshield.eval.quality import psnr, ssim
 
     def project(delta: torch.Tensor) -> torch.Tensor:
-        mse = float(((image + delta).clamp(0, 1) - image).square().mean())
-        if mse > max_mse:
-            delta = delta * (0.999 * (max_mse / mse) ** 0.5)
+        value = float(psnr((image + delta).clamp(0, 1), image)) if min_psnr > 0 else math.inf
+        if value < min_psnr:
+            delta = delta * (0.999 * 10 ** ((value - min_psnr) / 20))
         for _ in range(tries if min_ssim > 0 else 0):
             value = float(ssim((image + delta).clamp(0, 1), image))
             if value >= min_ssim:
