@@ -229,3 +229,25 @@ def test_external_data_in_another_folder(tmp_path):
     x = torch.randn(1, 4, 7, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), OnnxGraph(model)(x), atol=0, rtol=0)
+
+
+def test_clip_with_computed_omitted_and_constant_bounds_matches_onnxruntime():
+    # Clip to bounds the graph computes (tensor path), to a min only (max omitted: ""), and to constant scalars
+    # (the hardtanh path decided at load time); the second also needs its gradient to be clamp's.
+    init = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in {"lo": -1.0, "three": 3.0}.items()]
+    nodes = [
+        helper.make_node("Add", ["three", "three"], ["six"]),
+        helper.make_node("Clip", ["x", "lo", "six"], ["a"]),
+        helper.make_node("Clip", ["a", "lo", ""], ["b"]),
+        helper.make_node("Clip", ["b", "lo", "three"], ["y"]),
+    ]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], init)
+    x = np.linspace(-8, 8, 24, dtype=np.float32).reshape(6, 4)
+    (ref,) = _ort(model).run(None, {"x": x})
+    graph = OnnxGraph(model)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    ours = graph(xt)
+    assert np.abs(ours.detach().numpy() - ref).max() == 0
+    (grad,) = torch.autograd.grad(ours.sum(), xt)
+    assert torch.equal(grad, ((xt > -1) & (xt < 3)).float())

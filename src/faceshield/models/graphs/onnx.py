@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -55,7 +55,8 @@ class _RunContext:
 
 @dataclass
 class _NodeSpec:
-    """What a kernel builder sees of one node: its attributes (python values), opset, and names for messages."""
+    """What a kernel builder sees of one node: its attributes (python values), opset, names for messages, its
+    input names ("" = omitted optional input) and the values of those inputs that are graph constants."""
 
     op_type: str
     name: str
@@ -63,6 +64,8 @@ class _NodeSpec:
     opset: int
     source: str
     n_outputs: int
+    inputs: tuple[str, ...] = ()
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
 
     def fail(self, what: str) -> OnnxGraphError:
         return UnsupportedOnnxOpError(f"ONNX {self.op_type} node {self.name!r} in {self.source}: {what}")
@@ -278,25 +281,25 @@ def _hard_sigmoid(spec: _NodeSpec) -> Kernel:
     return run
 
 
+def _clip_to_tensors(inputs: list, ctx: _RunContext) -> torch.Tensor:
+    lo, hi = (inputs[1:3] + [None, None])[:2]
+    return inputs[0] if lo is None and hi is None else torch.clamp(inputs[0], lo, hi)
+
+
 @_op("Clip")
 def _clip(spec: _NodeSpec) -> Kernel:
     if spec.opset < 11:  # bounds were attributes before opset 11
         lo, hi = spec.attrs.get("min"), spec.attrs.get("max")
-        return lambda inputs, ctx: torch.clamp(inputs[0], lo, hi)
-
-    def run(inputs: list, ctx: _RunContext) -> torch.Tensor:
-        lo = inputs[1] if len(inputs) > 1 else None
-        hi = inputs[2] if len(inputs) > 2 else None
-        if lo is None and hi is None:
-            return inputs[0]
-        bounds = [b for b in (lo, hi) if b is not None]
-        if all(b.numel() == 1 and not b.requires_grad for b in bounds):
-            # Scalar bounds (ReLU6): hardtanh gives the same values with a single-kernel backward, several times
-            # cheaper than clamp's with tensor bounds (comparison masks and where).
-            return F.hardtanh(inputs[0], -math.inf if lo is None else float(lo), math.inf if hi is None else float(hi))
-        return torch.clamp(inputs[0], lo, hi)
-
-    return run
+    else:
+        names = (list(spec.inputs[1:3]) + ["", ""])[:2]  # "" = no bound
+        if any(n and (n not in spec.constants or spec.constants[n].size != 1) for n in names):
+            return _clip_to_tensors  # bounds computed by the graph, or not scalars
+        lo, hi = (float(spec.constants[n].reshape(())) if n else None for n in names)
+    # Constant scalar bounds (ReLU6), decided once here: hardtanh gives clamp's values with a single-kernel
+    # backward, several times cheaper than clamp's (comparison masks and where).
+    lo = -math.inf if lo is None else float(lo)
+    hi = math.inf if hi is None else float(hi)
+    return lambda inputs, ctx: F.hardtanh(inputs[0], lo, hi)
 
 
 @_op("Softmax", "LogSoftmax")
@@ -602,7 +605,8 @@ class OnnxGraph(nn.Module):
                 raise UnsupportedOnnxOpError(
                     f"unsupported ONNX op {node.op_type!r} (node {name!r}) in {source}; "
                     f"supported: {', '.join(sorted(SUPPORTED_OPS))}")
-            spec = _NodeSpec(node.op_type, name, _attributes(node), self.opset, source, len(node.output))
+            spec = _NodeSpec(node.op_type, name, _attributes(node), self.opset, source, len(node.output),
+                             tuple(node.input), {n: consts[n] for n in node.input if n in consts})
             nodes.append((node, builder(spec)))
 
         available = set(consts) | set(self.input_names)
