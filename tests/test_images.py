@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from faceshield.errors import ImageReadError
-from faceshield.images import find_images, load_image, to_tensor, to_uint8
+from faceshield.images import load_image, scan_folder, to_tensor, to_uint8
 
 
 @pytest.fixture
@@ -99,12 +99,14 @@ def test_missing_file_and_folder(tmp_path):
         load_image(tmp_path)
 
 
-def test_find_images_recurses_into_folders(tmp_path, face):
+def test_scan_folder_recurses_and_lists_the_other_files(tmp_path, face):
     (tmp_path / "a" / "b").mkdir(parents=True)
-    for p in ("a/1.png", "a/b/2.JPG", "a/notes.txt"):
+    (tmp_path / "a" / ".cache").mkdir()
+    for p in ("a/1.png", "a/b/2.JPG", "a/notes.txt", "a/b/c.heic", "a/.DS_Store", "a/.cache/3.png", "a/.x.png.part"):
         (tmp_path / p).write_bytes(b"x")
-    found = find_images([tmp_path / "a"])
-    assert [p.name for p in found] == ["1.png", "2.JPG"]
+    photos, others = scan_folder(tmp_path / "a")
+    assert [p.name for p in photos] == ["1.png", "2.JPG"]
+    assert [p.name for p in others] == ["c.heic", "notes.txt"]  # hidden files and folders in neither
 
 
 def test_tensor_conversions_roundtrip(face):

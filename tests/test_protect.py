@@ -55,7 +55,7 @@ def test_protect_folder_writes_safe_outputs(tmp_path, photos, protector):
     Image.fromarray(face).save(folder / "gps.png", exif=exif.tobytes())
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     out = tmp_path / "out"
-    records = protect_paths([folder], protector, out, log_path=out / "log.jsonl", progress=False)
+    records = protect_paths([folder], protector, out, log_path=out / "log.jsonl", progress=False).records
     assert [r.status for r in records] == ["protected", "protected"]
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # inputs untouched
     for r in records:
@@ -67,9 +67,10 @@ def test_protect_folder_writes_safe_outputs(tmp_path, photos, protector):
         assert sims["before"][0] == pytest.approx(1.0, abs=1e-4) and sims["after"][0] < sims["before"][0]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[0]["method"] == "cloak" and log[0]["parameters"]["surrogates"] == [FAST]
-    # a re-run skips finished outputs
-    again = protect_paths([folder], protector, out, progress=False)
-    assert [r.status for r in again] == ["skipped", "skipped"]
+    # a re-run with the same photos and settings reuses the finished outputs, verdicts included
+    again = protect_paths([folder], protector, out, log_path=out / "log.jsonl", progress=False).records
+    assert [(r.status, r.resumed) for r in again] == [("protected", True), ("protected", True)]
+    assert [r.similarity for r in again] == [r.similarity for r in records]
 
 
 def test_bad_files_are_reported_and_the_rest_goes_on(tmp_path, photos, protector):
@@ -79,26 +80,20 @@ def test_bad_files_are_reported_and_the_rest_goes_on(tmp_path, photos, protector
     tiny = np.full((400, 400, 3), 200, np.uint8)
     tiny[190:202, 190:202] = np.array(Image.fromarray(face).resize((12, 12)))
     Image.fromarray(tiny).save(folder / "tiny.png")
-    records = {os.path.basename(r.input): r for r in protect_paths([folder], protector, tmp_path / "o", progress=False)}
+    run = protect_paths([folder], protector, tmp_path / "o", progress=False)
+    records = {os.path.basename(r.input): r for r in run.records}
     assert records["face.jpg"].status == "protected"
     assert records["corrupt.jpg"].status == "failed" and "corrupt.jpg" in records["corrupt.jpg"].error
-    assert records["noface.png"].status == "failed" and "no face found" in records["noface.png"].error
-    assert records["tiny.png"].status == "failed" and "no face found" in records["tiny.png"].error
+    assert records["noface.png"].status == "no-face" and "no face found" in records["noface.png"].note
+    assert records["tiny.png"].status == "no-face" and "no face found" in records["tiny.png"].note
     assert not (tmp_path / "o" / "corrupt_protected.jpg").exists()
+    assert run.counts() == {"protected": 1, "weak": 0, "no-face": 2, "failed": 1, "resumed": 0}
 
 
 def test_every_face_of_a_group_photo_is_protected(tmp_path, shared_data, protector):
     faces = [load_image(PAIRS / "train" / f"{i}.png").rgb for i in pair_ids(4)]
     grid = np.concatenate([np.concatenate(faces[:2], 1), np.concatenate(faces[2:], 1)], 0)
     Image.fromarray(grid).save(tmp_path / "group.png")
-    (record,) = protect_paths([tmp_path / "group.png"], protector, tmp_path / "o", progress=False)
+    (record,) = protect_paths([tmp_path / "group.png"], protector, tmp_path / "o", progress=False).records
     assert record.status == "protected" and record.faces == 4
-    assert len(record.similarity[FAST]["after"]) == 4
-
-
-def test_unwritable_output_folder_is_reported(tmp_path, photos, protector):
-    folder, _ = photos
-    blocked = tmp_path / "blocked"
-    blocked.write_text("a file where the output folder should be")
-    (record,) = protect_paths([folder / "face.jpg"], protector, blocked, progress=False)
-    assert record.status == "failed" and "face.jpg" in record.error
+    assert len(record.similarity[FAST]["after"]) == 4 and len(record.verdicts) == 4

@@ -19,3 +19,7 @@ class NoFaceError(FaceshieldError):
 
 class ShapeError(FaceshieldError, ValueError):
     """A tensor argument has the wrong shape, dtype or range."""
+
+
+class InputError(FaceshieldError):
+    """Inputs or outputs that make a command impossible; raised before any photo is touched."""

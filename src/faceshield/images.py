@@ -8,6 +8,7 @@ resolution; detection works on a downscaled copy (see ``faceshield.faces.detect.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,16 @@ from faceshield.errors import ImageReadError, ShapeError
 
 log = logging.getLogger(__name__)
 
-# Pillow refuses images above ~179 MP as possible decompression bombs; real photos stay far below this
-# limit (a 100 MP medium-format camera), anything above it is refused with a clear message.
+# Real photos stay far below this limit (a 100 MP medium-format camera); anything above it is refused with our
+# own message before it is decoded (Pillow's own guard would warn, or fail at ~179 MP with its own wording).
 MAX_PIXELS = 250_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# The decoders a photo may go through, whatever its name says: nothing else is ever run on a user's file
+# (Pillow would otherwise hand EPS to Ghostscript, for one). JPEG includes the MPO files of some cameras.
+DECODERS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+# Single-channel modes: such photos are protected in luminance and written back single-channel.
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+UNSUPPORTED_HINT = "supported: JPEG, PNG, WebP, BMP, TIFF; convert it (e.g. to PNG or JPEG) first"
 
 
 @dataclass
@@ -51,6 +58,11 @@ class LoadedImage:
     def size(self) -> tuple[int, int]:
         """(width, height)."""
         return self.rgb.shape[1], self.rgb.shape[0]
+
+    @property
+    def grayscale(self) -> bool:
+        """The file holds a single-channel (grayscale) image; ``rgb`` has three equal channels."""
+        return self.mode in GRAY_MODES
 
 
 def _to_8bit_rgb(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -83,41 +95,47 @@ def load_image(path: str | Path) -> LoadedImage:
     """Read a photo as upright 8-bit RGB.
 
     Raises:
-        ImageReadError: one line naming the file and what to do (missing, not an image, truncated, too large).
+        ImageReadError: one line naming the file and what to do (missing, not an image, truncated, too large,
+            corrupt metadata).
     """
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise ImageReadError(f"{path}: is a folder, expected a photo file")
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
-        with Image.open(path) as img:
-            fmt = img.format or "unknown"
-            mode = img.mode
-            img.load()
-            exif = img.getexif()
-            icc_profile = img.info.get("icc_profile")
-            img = ImageOps.exif_transpose(img)
-            rgb, alpha = _to_8bit_rgb(img)
+        with warnings.catch_warnings():
+            # our own pixel limit below replaces Pillow's decompression-bomb guard and its raw warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=DECODERS) as img:
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise ImageReadError(f"{path}: {width}×{height} is {width * height / 1e6:.0f} megapixels, more "
+                                         f"than the {MAX_PIXELS // 1_000_000} MP faceshield reads; downscale it first")
+                fmt = img.format or "unknown"
+                mode = img.mode
+                img.load()
+                exif = img.getexif()
+                icc_profile = img.info.get("icc_profile")
+                img = ImageOps.exif_transpose(img)
+                rgb, alpha = _to_8bit_rgb(img)
+            exif_bytes = None
+            if len(exif):
+                exif[0x0112] = 1  # orientation: the pixels were rotated upright above
+                exif_bytes = exif.tobytes()
+    except ImageReadError:
+        raise
     except UnidentifiedImageError:
-        raise ImageReadError(
-            f"{path}: not a readable image; supported formats are JPEG, PNG, WebP, BMP and TIFF "
-            "(convert HEIC/RAW photos to JPEG first)"
-        ) from None
+        raise ImageReadError(f"{path}: not a readable image ({UNSUPPORTED_HINT})") from None
     except Image.DecompressionBombError:
-        raise ImageReadError(f"{path}: larger than {MAX_PIXELS // 1_000_000} megapixels; downscale it first") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: corrupt or truncated image ({exc}); re-export or re-download it") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+        raise ImageReadError(f"{path}: more than {MAX_PIXELS // 1_000_000} megapixels; downscale it first") from None
+    except MemoryError:
+        raise ImageReadError(f"{path}: too large to decode in the memory available; downscale it first") from None
+    except Exception as exc:  # noqa: BLE001 - a malformed file can make a decoder raise almost anything
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise ImageReadError(f"{path}: corrupt or truncated image ({reason}); re-export or re-download it") from None
     if rgb.shape[0] < 2 or rgb.shape[1] < 2:
         raise ImageReadError(f"{path}: image is only {rgb.shape[1]}×{rgb.shape[0]} pixels")
-    exif_bytes = None
-    if len(exif):
-        exif[0x0112] = 1  # orientation: the pixels were rotated upright above
-        exif_bytes = exif.tobytes()
     return LoadedImage(rgb, alpha, path, fmt, mode, exif_bytes, icc_profile)
 
 
@@ -140,15 +158,22 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def find_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted list of photo paths; files are kept as given."""
-    found: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            found.append(item)
-    return found
+def is_supported(path: Path) -> bool:
+    """A file name faceshield reads and writes back in the same format (by its suffix)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The photos under ``folder`` (recursively, by suffix) and the other files there, each list sorted.
+
+    Hidden files and folders (``.name``: system files, partial writes) are in neither.
+    """
+    photos, others = [], []
+    for path in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts) or not path.is_file():
+            continue
+        (photos if is_supported(path) else others).append(path)
+    return photos, others
 
 
 _FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
@@ -161,8 +186,11 @@ def save_image(
     source: LoadedImage | None = None,
     keep_metadata: bool = False,
     jpeg_quality: int = 95,
+    grayscale: bool = False,
 ) -> Path:
     """Write H×W×3 uint8 RGB (plus optional alpha) atomically, format chosen by the file suffix.
+
+    ``grayscale`` writes one luminance channel (ITU-R 601 luma of ``rgb``), as the source photo had.
 
     Metadata (EXIF with GPS, camera serials, ICC profile, comments) is dropped unless ``keep_metadata``, in
     which case ``source``'s EXIF (orientation reset to 1) and ICC profile are written back. JPEG uses 4:4:4
@@ -178,6 +206,8 @@ def save_image(
     if fmt is None:
         raise ImageReadError(f"{path}: cannot write this file type; use one of {', '.join(sorted(_FORMATS))}")
     img = Image.fromarray(rgb)
+    if grayscale:
+        img = img.convert("L")
     if alpha is not None and fmt in ("PNG", "WEBP", "TIFF"):
         img.putalpha(Image.fromarray(alpha))
     options: dict = {}

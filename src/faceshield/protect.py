@@ -1,13 +1,25 @@
 """Protect photos on disk: the batch job behind ``faceshield protect`` and the Python API for platforms.
 
-For each photo: read it (any format), find every face, protect them with a method, write the result next to
-it (or under an output folder) as ``<name>_protected.<ext>`` in the same format and size, metadata stripped,
-atomically; then measure the surrogates' similarity before and after on the file as written. A bad photo is
-recorded and skipped; the others go on. Finished outputs are skipped on a re-run.
+For each photo: read it (any format), find every face, protect them with a method, write the result (beside it,
+or under an output folder) as ``<name>_protected.<ext>`` in the same format, size and channels (grayscale stays
+grayscale), metadata stripped, atomically; then judge it on the file as written. Every photo ends with one
+honest status:
+
+- ``protected``: every face is past every attacked model's threshold (FAR 1e-2): no longer matched to the
+  original, and, when impersonating, matched to the target;
+- ``weak``: some model still recognises some face; the record names them;
+- ``no-face``: nothing to protect (with an output folder, a metadata-free copy is written there so that the
+  folder is complete);
+- ``failed``: the record's ``error`` says why, in one line.
+
+The verdict is about the models faceshield attacked; it cannot promise anything about models it never saw.
+A bad photo never stops the others. See :mod:`faceshield.jobs` for naming, resuming and the run log.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -17,45 +29,94 @@ from typing import Callable
 
 import torch
 
+from faceshield import __version__
 from faceshield.errors import FaceshieldError, NoFaceError
 from faceshield.faces.detect import FaceDetector, create_detector, detect_faces, landmark_tensor
-from faceshield.images import find_images, load_image, save_image, to_tensor, to_uint8
+from faceshield.images import LoadedImage, load_image, save_image, to_tensor, to_uint8
+from faceshield.jobs import Job, Plan, append_record, plan_jobs, sha256_file
 from faceshield.methods.base import ProtectionMethod
 
 log = logging.getLogger(__name__)
 
-SUFFIX = "_protected"
+STATUSES = ("protected", "weak", "no-face", "failed")
+FAR = 1e-2  # verdicts use each model's calibrated threshold at this false-accept rate
+STRONGER = "try --strength high or more steps (--set steps=N)"
 
 
 @dataclass
 class PhotoRecord:
-    """What happened to one photo (one line of the JSON-lines log).
+    """What happened to one photo (one line of the JSON-lines run log).
 
-    ``status``: "protected", "skipped" (output already there), or "failed" (``error`` says why).
-    ``similarity``: per surrogate model, the cosine of the protected faces to their reference — the original
-    faces when dodging, the target when impersonating — ``before`` and ``after`` protection (after = measured
-    on the written file), the model's ``threshold`` at FAR 1e-2, and per face lists.
+    Attributes:
+        input, output: paths; ``output`` is None when nothing was written.
+        status: one of :data:`STATUSES`.
+        resumed: the output was reused from an earlier run (same input bytes, same settings, output intact).
+        faces: faces found and protected.
+        similarity: per attacked model, the cosine of each protected face to the original face ``before``
+            (1.0) and ``after`` protection (measured on the file as written), and the model's ``threshold``.
+        target_similarity: when impersonating, the same against the target identity.
+        verdicts: per face, ``{"status": "protected" | "weak", "unfooled": [{"model", "reason"}]}``.
+        input_sha256, output_sha256, settings_sha256: what a re-run checks before reusing the output.
+        error: why it failed (one line naming the file); note: anything else the user should know.
     """
 
     input: str
     output: str | None
     status: str
+    resumed: bool = False
     faces: int = 0
     method: str = ""
     parameters: dict = field(default_factory=dict)
     seconds: float = 0.0
     steps: int = 0
     similarity: dict = field(default_factory=dict)
+    target_similarity: dict = field(default_factory=dict)
+    verdicts: list = field(default_factory=list)
+    input_sha256: str | None = None
+    output_sha256: str | None = None
+    settings_sha256: str | None = None
     error: str | None = None
+    note: str | None = None
+
+    @property
+    def unfooled_models(self) -> list[str]:
+        """Models that still recognise (or, impersonating, do not yet mistake) some face, in order."""
+        return list(dict.fromkeys(u["model"] for v in self.verdicts for u in v["unfooled"]))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PhotoRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def output_path(photo: Path, root: Path | None, out_dir: Path | None) -> Path:
-    """``<name>_protected.<ext>`` beside the photo, or under ``out_dir`` keeping the path relative to ``root``."""
-    name = f"{photo.stem}{SUFFIX}{photo.suffix}"
-    if out_dir is None:
-        return photo.with_name(name)
-    relative = photo.parent.relative_to(root) if root is not None and photo.is_relative_to(root) else Path()
-    return out_dir / relative / name
+def face_verdicts(similarity: dict, target_similarity: dict | None = None) -> list[dict]:
+    """Per face, whether every model is fooled, from the ``after`` cosines and thresholds of a record.
+
+    A model is fooled by a face when its cosine to the original is at most the threshold (it would say
+    "different person"), and, when impersonating, its cosine to the target is above it ("same person").
+    A model without a calibrated threshold cannot be judged and counts as not fooled.
+    """
+    faces = len(next(iter(similarity.values()))["after"]) if similarity else 0
+    verdicts = []
+    for i in range(faces):
+        unfooled = []
+        for model, s in similarity.items():
+            t = s["threshold"]
+            if t is None:
+                unfooled.append({"model": model, "reason": "no calibrated threshold, cannot be judged"})
+            elif s["after"][i] > t:
+                unfooled.append({"model": model, "reason": f"still matches the original ({s['after'][i]:.2f} > {t:.2f})"})
+            elif target_similarity and target_similarity[model]["after"][i] <= t:
+                value = target_similarity[model]["after"][i]
+                unfooled.append({"model": model, "reason": f"does not match the target ({value:.2f} ≤ {t:.2f})"})
+        verdicts.append({"status": "weak" if unfooled else "protected", "unfooled": unfooled})
+    return verdicts
+
+
+def to_luminance(image: torch.Tensor) -> torch.Tensor:
+    """``1×3×H×W`` RGB → the same with three equal channels, ITU-R 601 luma (as Pillow's ``convert("L")``)."""
+    luma = 0.299 * image[:, 0:1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:3]
+    return luma.expand(-1, 3, -1, -1)
 
 
 class Protector:
@@ -71,12 +132,24 @@ class Protector:
 
     def __init__(self, method: ProtectionMethod, detector: FaceDetector | None = None, target: Path | None = None,
                  keep_metadata: bool = False, jpeg_quality: int = 95):
+        from faceshield.eval.calibration import shipped_table
+
         self.method = method
         self.detector = detector or create_detector()
         self.keep_metadata = keep_metadata
         self.jpeg_quality = jpeg_quality
         self.ensemble = method.ensemble
+        table = shipped_table()
+        self.thresholds = {n: (table.models[n].threshold(FAR) if n in table.models else None)
+                           for n in self.ensemble.names}
         self.target = self._target_embeddings(Path(target)) if target else None
+        identity = {
+            "faceshield": __version__, "method": method.config_dict(), "detector": getattr(self.detector, "name", ""),
+            "target": sha256_file(Path(target)) if target else None, "keep_metadata": keep_metadata,
+            "jpeg_quality": jpeg_quality,
+        }
+        # what an output depends on besides the input's bytes: a re-run reuses an output only when this matches
+        self.settings_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
     def _faces(self, path: Path, rgb) -> torch.Tensor:
         faces = detect_faces(rgb, self.detector)
@@ -89,22 +162,26 @@ class Protector:
         landmarks = self._faces(path, photo.rgb)[:1]
         return self.ensemble.embed(to_tensor(photo.rgb), landmarks)
 
-    def _similarities(self, image: torch.Tensor, landmarks: torch.Tensor, reference: dict) -> dict:
+    def _cosines(self, image: torch.Tensor, landmarks: torch.Tensor, original: dict) -> tuple[dict, dict]:
+        """Per model, each face's cosine to its original embedding, and to the target (empty when dodging)."""
         emb = self.ensemble.embed(image, landmarks)
-        if self.target is not None:
-            return {n: (e @ self.target[n].T).squeeze(1) for n, e in emb.items()}
-        return {n: (e * reference[n]).sum(-1) for n, e in emb.items()}
+        own = {n: (e * original[n]).sum(-1) for n, e in emb.items()}
+        target = {} if self.target is None else {n: (e @ self.target[n].T).squeeze(1) for n, e in emb.items()}
+        return own, target
 
-    def protect_files(self, jobs: list[tuple[Path, Path]], progress: Callable[[int, int], None] | None = None
-                      ) -> list[PhotoRecord]:
+    def protect_files(self, jobs: list[tuple[Path, Path]], progress: Callable[[int, int], None] | None = None,
+                      copy_no_face: bool = False) -> list[PhotoRecord]:
         """Protect several photos ``[(photo, out), ...]`` in one call of the method, so that a method that batches
         (adv-latent) runs every face of every photo together. A bad photo gets a "failed" record, the rest go on;
-        ``seconds`` is the batch's time shared out among its photos."""
+        ``seconds`` is the batch's time shared out among its photos. A photo without a face gets a "no-face"
+        record, and with ``copy_no_face`` a metadata-free copy at ``out``."""
         records: dict[int, PhotoRecord] = {}
         prepared: list[tuple[int, _Job]] = []
         for i, (photo, out) in enumerate(jobs):
             try:
                 prepared.append((i, self._prepare(photo, out)))
+            except NoFaceError as exc:
+                records[i] = self._no_face(photo, out, exc, copy_no_face)
             except (FaceshieldError, OSError) as exc:
                 records[i] = _failed(photo, exc)
         if prepared:
@@ -120,38 +197,59 @@ class Protector:
                 for (i, job), result in zip(prepared, results):
                     try:
                         records[i] = self._finish(job, result, share + job.seconds)
-                    except (FaceshieldError, OSError, RuntimeError) as exc:  # e.g. unwritable output folder
+                    except (FaceshieldError, OSError, RuntimeError) as exc:  # e.g. disk full
                         records[i] = _failed(job.photo, exc)
         return [records[i] for i in range(len(jobs))]
+
+    def _record(self, job_photo: Path, out: Path | None, status: str, **fields) -> PhotoRecord:
+        return PhotoRecord(str(job_photo), str(out) if out else None, status, method=self.method.name,
+                           parameters=self.method.config_dict(), settings_sha256=self.settings_sha256, **fields)
+
+    def _no_face(self, photo: Path, out: Path, exc: NoFaceError, copy: bool) -> PhotoRecord:
+        if not copy:
+            return self._record(photo, None, "no-face", input_sha256=sha256_file(photo), note=str(exc))
+        try:
+            loaded = load_image(photo)
+            save_image(out, loaded.rgb, loaded.alpha, loaded, self.keep_metadata, self.jpeg_quality, loaded.grayscale)
+        except (FaceshieldError, OSError) as exc2:
+            return _failed(photo, exc2)
+        return self._record(photo, out, "no-face", input_sha256=sha256_file(photo), output_sha256=sha256_file(out),
+                            note=f"{exc}; copied unchanged to the output folder")
 
     def _prepare(self, photo: Path, out: Path) -> "_Job":
         start = time.perf_counter()
         if out.resolve() == photo.resolve():
             raise FaceshieldError(f"{photo}: output would overwrite the input; choose another output folder")
+        digest = sha256_file(photo)
         loaded = load_image(photo)
         landmarks = self._faces(photo, loaded.rgb)
         image = to_tensor(loaded.rgb)
         original = self.ensemble.embed(image, landmarks)
-        before = self._similarities(image, landmarks, original)
-        return _Job(photo, out, loaded, image, landmarks, original, before, time.perf_counter() - start)
+        before = self._cosines(image, landmarks, original)
+        return _Job(photo, out, digest, loaded, image, landmarks, original, before, time.perf_counter() - start)
 
     def _finish(self, job: "_Job", result, seconds: float) -> PhotoRecord:
         start = time.perf_counter()
-        save_image(job.out, to_uint8(result.image), job.loaded.alpha, job.loaded, self.keep_metadata,
-                   self.jpeg_quality)
-        written = to_tensor(load_image(job.out).rgb)
-        after = self._similarities(written, job.landmarks, job.original)
-        thresholds = getattr(self.method, "thresholds", {}) or {}
-        similarity = {
-            name: {"before": [round(float(v), 4) for v in job.before[name]],
-                   "after": [round(float(v), 4) for v in after[name]],
-                   "threshold": round(thresholds[name], 4) if name in thresholds else None}
-            for name in job.before
-        }
-        return PhotoRecord(
-            input=str(job.photo), output=str(job.out), status="protected", faces=len(job.landmarks),
-            method=self.method.name, parameters=self.method.config_dict(),
+        image = to_luminance(result.image) if job.loaded.grayscale else result.image
+        save_image(job.out, to_uint8(image), job.loaded.alpha, job.loaded, self.keep_metadata, self.jpeg_quality,
+                   job.loaded.grayscale)
+        written = to_tensor(load_image(job.out).rgb)  # judged on what the user gets, after rounding and JPEG
+        after = self._cosines(written, job.landmarks, job.original)
+
+        def table(before: dict, after: dict) -> dict:
+            return {name: {"before": [round(float(v), 4) for v in before[name]],
+                           "after": [round(float(v), 4) for v in after[name]],
+                           "threshold": None if self.thresholds[name] is None else round(self.thresholds[name], 4)}
+                    for name in before}
+
+        similarity, target_similarity = table(job.before[0], after[0]), table(job.before[1], after[1])
+        verdicts = face_verdicts(similarity, target_similarity)
+        weak = any(v["status"] == "weak" for v in verdicts)
+        return self._record(
+            job.photo, job.out, "weak" if weak else "protected", faces=len(job.landmarks),
             seconds=round(seconds + time.perf_counter() - start, 2), steps=result.steps, similarity=similarity,
+            target_similarity=target_similarity, verdicts=verdicts, input_sha256=job.digest,
+            output_sha256=sha256_file(job.out), note=STRONGER if weak else None,
         )
 
 
@@ -161,63 +259,108 @@ class _Job:
 
     photo: Path
     out: Path
-    loaded: object
+    digest: str
+    loaded: LoadedImage
     image: torch.Tensor
     landmarks: torch.Tensor
     original: dict
-    before: dict
+    before: tuple[dict, dict]
     seconds: float  # spent preparing
 
 
 def _failed(photo: Path, exc: Exception) -> PhotoRecord:
     message = str(exc) if isinstance(exc, FaceshieldError) else f"{photo}: {exc}"
-    log.warning("%s", message)
+    log.info("%s", message)  # the caller reports failures once (the CLI's FAIL line)
     return PhotoRecord(str(photo), None, "failed", error=message)
 
 
+@dataclass
+class ProtectRun:
+    """The outcome of :func:`protect_paths`.
+
+    Attributes:
+        records: one per photo, in input order.
+        unsupported: files inside the input folders that are not photos faceshield reads (not processed).
+        earlier_outputs: files inside the input folders that the run log records as faceshield outputs.
+    """
+
+    records: list[PhotoRecord]
+    unsupported: list[str] = field(default_factory=list)
+    earlier_outputs: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counts = {status: sum(r.status == status for r in self.records) for status in STATUSES}
+        counts["resumed"] = sum(r.resumed for r in self.records)
+        return counts
+
+    def to_dict(self) -> dict:
+        return {"photos": [asdict(r) for r in self.records], "counts": self.counts(),
+                "unsupported": self.unsupported, "earlier_outputs": self.earlier_outputs}
+
+
+def _reusable(earlier: dict | None, photo: Path, out: Path, protector: Protector) -> PhotoRecord | None:
+    """The earlier record of ``out``, if it was made from these input bytes with these settings and is intact."""
+    if not earlier or earlier.get("status") not in ("protected", "weak", "no-face"):
+        return None
+    if earlier.get("settings_sha256") != protector.settings_sha256 or not out.is_file():
+        return None
+    if earlier.get("input_sha256") != sha256_file(photo) or earlier.get("output_sha256") != sha256_file(out):
+        return None
+    record = PhotoRecord.from_dict(earlier)
+    record.input, record.output, record.resumed = str(photo), str(out), True
+    return record
+
+
 def protect_paths(
-    inputs: list[str | Path],
+    inputs: list[str | Path] | Plan,
     protector: Protector,
     out_dir: Path | None = None,
     overwrite: bool = False,
     log_path: Path | None = None,
     progress: bool = True,
     batch_size: int = 1,
-) -> list[PhotoRecord]:
+    copy_no_face: bool = True,
+) -> ProtectRun:
     """Protect every photo in ``inputs`` (files, or folders searched recursively); never raises for one bad photo.
 
-    ``batch_size`` photos go to the method together (:meth:`Protector.protect_files`); methods that batch faces
-    (adv-latent, on a GPU) are faster per photo that way. Returns one record per photo; the JSON-lines log (if
-    ``log_path``) gets each record appended as it completes.
+    Args:
+        inputs: paths, or a :class:`faceshield.jobs.Plan` already made by :func:`faceshield.jobs.plan_jobs`
+            (then ``out_dir``, ``log_path`` and ``overwrite`` are the plan's).
+        out_dir: output folder, or None for beside each photo.
+        overwrite: redo photos even when an earlier run's output could be reused.
+        log_path: the JSON-lines run log (default: ``faceshield-log.jsonl`` in the output folder, or beside
+            each output); each record is appended as it completes.
+        batch_size: photos given to the method together (:meth:`Protector.protect_files`); methods that batch
+            faces (adv-latent, on a GPU) are faster per photo that way.
+        copy_no_face: with ``out_dir``, write a metadata-free copy of photos without a face there.
+
+    Raises:
+        faceshield.jobs.InputError: before any work, for inputs or outputs that make the run impossible.
     """
     from tqdm import tqdm
 
-    jobs: list[tuple[Path, Path]] = []
-    for item in map(Path, inputs):
-        root = item if item.is_dir() else None
-        for photo in find_images([item]):
-            if photo.stem.endswith(SUFFIX):
-                continue  # an output of an earlier run inside the input folder
-            jobs.append((photo, output_path(photo, root, out_dir)))
+    plan = inputs if isinstance(inputs, Plan) else plan_jobs(list(inputs), out_dir, log_path, overwrite)
+    copy_no_face = copy_no_face and plan.out_dir is not None
     records: list[PhotoRecord] = []
 
-    def keep(record: PhotoRecord) -> None:
+    def keep(record: PhotoRecord, job: Job) -> None:
         records.append(record)
-        if log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(asdict(record)) + "\n")
+        if not record.resumed:
+            resolved = {"input_resolved": str(job.photo.resolve()),
+                        "output_resolved": str(job.out.resolve()) if record.output else None}
+            append_record(job.log, {**asdict(record), **resolved})
 
-    bar = tqdm(total=len(jobs), desc="photos", unit="photo", disable=not progress, position=0)
-    pending: list[tuple[Path, Path]] = []
-    for index, (photo, out) in enumerate(jobs):
-        if out.exists() and not overwrite:
-            keep(PhotoRecord(str(photo), str(out), "skipped"))
+    bar = tqdm(total=len(plan.jobs), desc="photos", unit="photo", disable=not progress, position=0)
+    pending = []
+    for index, job in enumerate(plan.jobs):
+        reused = _reusable(plan.earlier_record(job), job.photo, job.out, protector)
+        if reused is not None:
+            keep(reused, job)
             bar.update()
         else:
-            pending.append((photo, out))
-        if pending and (len(pending) == batch_size or index == len(jobs) - 1):
-            bar.set_postfix_str(pending[0][0].name[-30:] + (f" +{len(pending) - 1}" if len(pending) > 1 else ""))
+            pending.append(job)
+        if pending and (len(pending) == batch_size or index == len(plan.jobs) - 1):
+            bar.set_postfix_str(pending[0].photo.name[-30:] + (f" +{len(pending) - 1}" if len(pending) > 1 else ""))
             steps_bar = tqdm(total=0, desc="  steps", unit="step", disable=not progress, position=1, leave=False)
 
             def on_step(step: int, total: int, steps_bar=steps_bar) -> None:
@@ -226,11 +369,12 @@ def protect_paths(
                 steps_bar.refresh()
 
             try:
-                for record in protector.protect_files(pending, on_step):
-                    keep(record)
+                done = protector.protect_files([(j.photo, j.out) for j in pending], on_step, copy_no_face)
             finally:
                 steps_bar.close()
+            for job, record in zip(pending, done):
+                keep(record, job)
             bar.update(len(pending))
             pending = []
     bar.close()
-    return records
+    return ProtectRun(records, [str(p) for p in plan.unsupported], [str(p) for p in plan.earlier_outputs])

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from faceshield.errors import FaceshieldError
+from faceshield.settings import SettingError
 
 log = logging.getLogger("faceshield")
 
@@ -25,13 +26,43 @@ def _emit(as_json: bool, payload: dict, human: str) -> None:
 
 
 class _Group(click.Group):
-    """Turns faceshield's own errors into one-line messages and exit code 1, without a traceback."""
+    """Every error ends as one line and an exit code, never a traceback: faceshield's own errors and bad options
+    exit with 1 and 2 as usual, an unexpected exception (a bug) with 3 and a request to report it (-vv shows the
+    traceback). With ``--json`` anywhere on the command line the error is one JSON document on stdout
+    (``{"error": ..., "exit_code": ...}``), so that a caller always gets valid JSON."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except FaceshieldError as exc:
-            raise click.ClickException(str(exc)) from None
+            error = click.ClickException(str(exc))
+            if isinstance(exc, SettingError):
+                error.exit_code = 2  # a bad option value, like click's own usage errors
+            raise error from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in argv
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            if as_json:
+                click.echo(json.dumps({"error": exc.format_message(), "exit_code": exc.exit_code}))
+            else:
+                exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - a bug: one line for the user, the traceback with -vv
+            log.debug("unexpected error", exc_info=True)
+            message = f"internal error ({type(exc).__name__}: {exc}); please report it with the output of -vv"
+            if as_json:
+                click.echo(json.dumps({"error": message, "exit_code": 3}))
+            else:
+                click.echo(f"Error: {message}", err=True)
+            sys.exit(3)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -149,10 +180,10 @@ def _detect(path: Path, detector_name: str):
 
 
 def _draw_faces(rgb, faces, out: Path) -> None:
+    import numpy as np
     from PIL import Image, ImageDraw
 
-    from faceshield.fileio import write_bytes_atomic
-    import io
+    from faceshield.images import save_image
 
     img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
@@ -163,18 +194,24 @@ def _draw_faces(rgb, faces, out: Path) -> None:
             r = width * 1.5
             draw.ellipse((x - r, y - r, x + r, y + r), fill=(255, 0, 0))
         draw.text((face.box[0], max(0, face.box[1] - 12)), f"{face.score:.2f}", fill=(0, 255, 0))
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    write_bytes_atomic(out, buffer.getvalue())
+    save_image(out, np.asarray(img))  # atomic, in the format of the name's suffix, no metadata
 
 
 @cli.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
-@click.option("--show", type=click.Path(path_type=Path), help="Write a copy with boxes and landmarks drawn (PNG).")
+@click.option("--show", type=click.Path(), help="Write a copy with boxes and landmarks drawn to this new file "
+              "(format from its suffix: .png, .jpg, ...); never the input itself.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def detect(image: Path, detector: str, show: Path | None, as_json: bool) -> None:
+def detect(image: Path, detector: str, show: str | None, as_json: bool) -> None:
     """Find the faces in IMAGE: scores, boxes and 5 landmarks."""
+    from faceshield.fileio import check_output_file
+    from faceshield.images import is_supported
+
+    if show:
+        show = check_output_file(show, [image], "--show")
+        if not is_supported(show):
+            raise click.BadParameter(f"{show}: unsupported suffix; use .png or .jpg", param_hint="--show")
     photo, faces = _detect(image, detector)
     records = [
         {"score": round(f.score, 4), "box": [round(v, 1) for v in f.box],
@@ -234,6 +271,10 @@ def calibrate(pairs_dir: Path, model_names: str, limit: int | None, detector: st
     from faceshield.eval.calibration import run_calibration
     from faceshield.models.registry import list_fr_models
 
+    from faceshield.fileio import check_output_file
+
+    if output:
+        check_output_file(output, [], "--output")
     names = list_fr_models() if model_names == "all" else [m.strip() for m in model_names.split(",")]
     command = "faceshield calibrate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     table = run_calibration(pairs_dir, names, detector, limit, progress=not quiet and not as_json, command=command)
@@ -243,48 +284,11 @@ def calibrate(pairs_dir: Path, model_names: str, limit: int | None, detector: st
 
 
 # --- protect --------------------------------------------------------------------------------------------------
-def parse_overrides(config_classes: type | tuple[type, ...], items: tuple[str, ...]) -> dict:
-    """``key=value`` strings → typed overrides (ints, floats, bools, comma-separated tuples) of the fields of one
-    config dataclass, or of several (a key is typed by the first config that has it)."""
-    import dataclasses
-    import typing
-
-    classes = config_classes if isinstance(config_classes, tuple) else (config_classes,)
-    hints = {}
-    for cls in reversed(classes):
-        hints.update(typing.get_type_hints(cls))
-    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
-    overrides = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in known:
-            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
-        kind = hints[key]
-        try:
-            if kind is bool:
-                value = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif kind in (int, float):
-                value = kind(eval_fraction(raw) if kind is float else raw)
-            elif typing.get_origin(kind) is tuple:
-                value = tuple(v.strip() for v in raw.split(",") if v.strip())
-            else:
-                value = raw
-        except ValueError:
-            raise click.BadParameter(f"{item!r}: {key} needs a {getattr(kind, '__name__', kind)}") from None
-        overrides[key] = value
-    return overrides
-
-
-def eval_fraction(raw: str) -> float:
-    """'8/255' or '0.03' → float."""
-    num, sep, den = raw.partition("/")
-    return float(num) / float(den) if sep else float(raw)
-
-
-def build_method(method: str, strength: str, surrogates: str | None, settings: tuple[str, ...],
-                 diffusion_model: str | None = None):
-    from faceshield.methods.base import create_method, get_method_class
+def method_config(method: str, strength: str, surrogates: str | None, settings: tuple[str, ...],
+                  diffusion_model: str | None = None):
+    """The checked config of ``method`` from the command line's options (nothing loaded yet)."""
+    from faceshield.methods.base import get_method_class, method_config as make_config
+    from faceshield.settings import parse_overrides
 
     cls = get_method_class(method)
     overrides = parse_overrides(cls.Config, settings)
@@ -294,12 +298,12 @@ def build_method(method: str, strength: str, surrogates: str | None, settings: t
         overrides["diffusion_model"] = diffusion_model
     if surrogates:
         overrides["surrogates"] = tuple(s.strip() for s in surrogates.split(",") if s.strip())
-    return create_method(method, preset=strength if cls.presets else None, **overrides)
+    return make_config(method, preset=strength if cls.presets else None, **overrides)
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output folder (default: beside each photo, as <name>_protected.<ext>).")
 @click.option("--method", default="cloak", help="Protection method (`faceshield methods` lists them).")
 @click.option("--strength", type=click.Choice(["low", "mid", "high"]), default="mid", help="Preset of cloak.")
@@ -307,50 +311,86 @@ def build_method(method: str, strength: str, surrogates: str | None, settings: t
               help="Impersonate the person in this photo instead of just hiding identity.")
 @click.option("--surrogates", help="Comma-separated FR models to attack (default: calibrated models with AUC ≥ 0.9).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a method setting, e.g. "
-              "--set epsilon=4/255 --set steps=60 (repeatable).")
+              "--set epsilon=4/255 --set steps=60 (repeatable; `faceshield methods` shows them).")
 @click.option("--diffusion-model", metavar="HUB_ID|FOLDER", help="Stable Diffusion model of the diffusion methods "
               "(e.g. adv-latent): a local diffusers folder or a hub id  [default: stabilityai/stable-diffusion-2-base].")
+@click.option("--strict", is_flag=True, help="Exit with code 1 when any photo is only weakly protected, too.")
 @click.option("--keep-metadata", is_flag=True, help="Keep EXIF/GPS and ICC data (stripped by default).")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, help="Quality of JPEG outputs.")
-@click.option("--overwrite", is_flag=True, help="Redo photos whose output already exists.")
+@click.option("--overwrite", is_flag=True, help="Redo every photo, even those an earlier run finished with the "
+              "same photo and settings.")
+@click.option("--no-copy-unprotected", is_flag=True, help="With -o, do not copy photos without a face there "
+              "(by default they are copied, metadata stripped, so that the output folder is complete).")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), help="JSON-lines log of every photo "
-              "(default: faceshield-log.jsonl in the output folder, or none without -o).")
+              "(default: faceshield-log.jsonl in the output folder, or beside each output).")
 @click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
 @click.option("--batch", "batch_size", type=click.IntRange(1), default=1, help="Photos protected together "
               "(faster per photo for adv-latent on a GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print every photo's record as one JSON document.")
-def protect(inputs, output, method, strength, target, surrogates, settings, diffusion_model, keep_metadata,
-            jpeg_quality, overwrite, log_path, detector, batch_size, quiet, as_json) -> None:
+def protect(inputs, output, method, strength, target, surrogates, settings, diffusion_model, strict, keep_metadata,
+            jpeg_quality, overwrite, no_copy_unprotected, log_path, detector, batch_size, quiet, as_json) -> None:
     """Protect the faces in INPUTS (photos or folders) from face recognition.
 
-    Exit code 1 if any photo failed (the others are still written).
+    Each photo ends protected (every attacked FR model fooled), weak (some model still recognises a face: the
+    summary names it), no-face, or failed. Exit code 1 if any photo failed (or, with --strict, is weak); the
+    others are still written.
     """
-    from dataclasses import asdict
-
     from faceshield.faces.detect import create_detector
+    from faceshield.jobs import plan_jobs
+    from faceshield.methods.base import get_method_class
     from faceshield.protect import Protector, protect_paths
 
-    built = build_method(method, strength, surrogates, settings, diffusion_model)
+    config = method_config(method, strength, surrogates, settings, diffusion_model)  # checked before any work
+    plan = plan_jobs(list(inputs), output, log_path, overwrite)
+    built = get_method_class(method)(config)
     protector = Protector(built, create_detector(detector), target, keep_metadata, jpeg_quality)
-    if log_path is None and output is not None:
-        log_path = output / "faceshield-log.jsonl"
-    records = protect_paths(list(inputs), protector, output, overwrite, log_path, progress=not quiet and not as_json,
-                            batch_size=batch_size)
-    failed = [r for r in records if r.status == "failed"]
+    run = protect_paths(plan, protector, progress=not quiet and not as_json, batch_size=batch_size,
+                        copy_no_face=not no_copy_unprotected)
+    counts = run.counts()
+    bad = counts["failed"] + (counts["weak"] if strict else 0)
+    if as_json:
+        click.echo(json.dumps({**run.to_dict(), "failed": counts["failed"]}, indent=2))
+    else:
+        click.echo(_protect_summary(run, len(built.ensemble.names)))
+    if bad:
+        raise SystemExit(1)
+
+
+def _protect_summary(run, n_models: int) -> str:
     lines = []
-    for r in records:
+    for r in run.records:
+        again = " (reused: same photo and settings as an earlier run)" if r.resumed else ""
         if r.status == "protected":
             sims = ", ".join(f"{m} {v['before'][0]:.2f}→{v['after'][0]:.2f}" for m, v in r.similarity.items())
-            lines.append(f"ok    {r.input} -> {r.output} ({r.faces} face(s), {r.seconds:.1f} s; similarity {sims})")
-        elif r.status == "skipped":
-            lines.append(f"skip  {r.input} (output exists: {r.output}; --overwrite to redo)")
-    lines += [f"FAIL  {r.error}" for r in failed]
-    done = sum(r.status == "protected" for r in records)
-    lines.append(f"{done} protected, {len(records) - done - len(failed)} skipped, {len(failed)} failed")
-    _emit(as_json, {"photos": [asdict(r) for r in records], "failed": len(failed)}, "\n".join(lines))
-    if failed:
-        raise SystemExit(1)
+            lines.append(f"ok    {r.input} -> {r.output} ({r.faces} face(s), {r.seconds:.1f} s; similarity {sims})"
+                         f"{again}")
+        elif r.status == "weak":
+            why = "; ".join(f"face {i + 1}: " + ", ".join(f"{u['model']} {u['reason']}" for u in v["unfooled"])
+                            for i, v in enumerate(r.verdicts) if v["unfooled"])
+            lines.append(f"weak  {r.input} -> {r.output}: still recognised — {why}; {r.note}{again}")
+        elif r.status == "no-face":
+            where = f"copied unchanged to {r.output}" if r.output else "left as it is"
+            lines.append(f"none  {r.input}: no face found, nothing to protect; {where}{again}")
+        else:
+            lines.append(f"FAIL  {r.error}")
+    counts = run.counts()
+    summary = (f"{counts['protected']} protected, {counts['weak']} weak, {counts['no-face']} without a face, "
+               f"{counts['failed']} failed")
+    if counts["resumed"]:
+        summary += f" ({counts['resumed']} reused from an earlier run)"
+    lines.append(summary)
+    if run.unsupported:
+        shown = ", ".join(run.unsupported[:5]) + (", …" if len(run.unsupported) > 5 else "")
+        lines.append(f"skipped: {len(run.unsupported)} file(s) of unsupported type: {shown} "
+                     "(convert photos to JPEG or PNG to protect them)")
+    if run.earlier_outputs:
+        lines.append(f"not redone: {len(run.earlier_outputs)} earlier faceshield output(s) in the input folders")
+    if counts["protected"] or counts["weak"]:
+        models = f"{n_models} FR model{'s' if n_models > 1 else ''}"
+        lines.append(f"'protected' means the {models} faceshield attacked no longer match; FR models it never saw "
+                     "may still recognise you (see the README)")
+    return "\n".join(lines)
 
 
 @cli.command("methods")
@@ -399,6 +439,8 @@ def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, sur
     from faceshield.eval.protocol import evaluate as run_protocol
     from faceshield.eval.report import to_json, write_report
     from faceshield.methods.base import get_method_class
+
+    from faceshield.settings import parse_overrides
 
     specs = tuple(m.strip() for m in methods.split(",") if m.strip())
     configs = tuple(get_method_class(spec.partition("@")[0]).Config for spec in specs)

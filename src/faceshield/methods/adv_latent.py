@@ -31,10 +31,11 @@ from faceshield.errors import FaceshieldError
 from faceshield.faces.align import CELEBAHQ_256, crop_transform, warp_to_crop
 from faceshield.faces.masks import face_mask_from_landmarks, paste_crops
 from faceshield.methods.base import FRAttackMethod, ProtectionResult, check_photo, register_method
+from faceshield.settings import Settings, setting
 
 
 @dataclass
-class AdvLatentConfig:
+class AdvLatentConfig(Settings):
     """Settings of ``adv-latent``; defaults are the authors' public ones (METHODS.md).
 
     Attributes:
@@ -54,22 +55,23 @@ class AdvLatentConfig:
     """
 
     diffusion_model: str = DEFAULT_MODEL
-    image_size: int = 256
-    diffusion_steps: int = 20
-    start_step: int = 17
-    null_steps: int = 20
-    null_lr: float = 0.1
-    steps: int = 30
-    lr: float = 0.01
-    adv_weight: float = 0.003
+    image_size: int = setting(256, "[64, 2048]")
+    diffusion_steps: int = setting(20, "[1, 1000]")
+    start_step: int = setting(17, "[0, 1000)")
+    null_steps: int = setting(20, "[0, inf)")
+    null_lr: float = setting(0.1, "(0, inf)")
+    steps: int = setting(30, "[1, inf)")
+    lr: float = setting(0.01, "(0, inf)")
+    adv_weight: float = setting(0.003, "(0, inf)")
     attention_layers: tuple[str, ...] = ()
-    attention_max_tokens: int = 32 * 32
-    mask_scale: float = 1.3
+    attention_max_tokens: int = setting(32 * 32, "[1, inf)")
+    mask_scale: float = setting(1.3, "(0, 10]")
     surrogates: tuple[str, ...] = ()
     device: str = "cpu"
-    dtype: str = "auto"
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16", "float64"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.start_step < self.diffusion_steps:
             raise FaceshieldError(f"adv-latent: start_step must be in [0, diffusion_steps), got {self.start_step}")
         if self.image_size % 8:

@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from faceshield.errors import FaceshieldError, ShapeError
+from faceshield.settings import SettingError
 
 
 @dataclass
@@ -130,10 +131,14 @@ def get_method_class(name: str) -> type[ProtectionMethod]:
     return _METHODS[name]
 
 
-def create_method(name: str, preset: str | None = None, **overrides: Any) -> ProtectionMethod:
-    """Build method ``name``: its config defaults, then preset ``preset`` (e.g. cloak's "high"), then ``overrides``.
+def method_config(name: str, preset: str | None = None, **overrides: Any) -> Any:
+    """The config of method ``name``: its defaults, then preset ``preset`` (e.g. cloak's "high"), then ``overrides``.
 
-    Unknown settings or presets are rejected with the list of known ones.
+    Every value is checked against its type and range here, before any model is loaded.
+
+    Raises:
+        FaceshieldError: unknown method, preset or setting; :class:`faceshield.settings.SettingError` for a bad
+            value. One line each, naming the method and what is allowed.
     """
     cls = get_method_class(name)
     if preset is not None:
@@ -145,4 +150,12 @@ def create_method(name: str, preset: str | None = None, **overrides: Any) -> Pro
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise FaceshieldError(f"{name}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    return cls(cls.Config(**overrides))
+    try:
+        return cls.Config(**overrides)
+    except SettingError as exc:
+        raise SettingError(f"{name}: {exc}") from None
+
+
+def create_method(name: str, preset: str | None = None, **overrides: Any) -> ProtectionMethod:
+    """Build method ``name`` from :func:`method_config` (same arguments); unknown or bad settings are rejected."""
+    return get_method_class(name)(method_config(name, preset, **overrides))

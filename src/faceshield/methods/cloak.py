@@ -24,10 +24,11 @@ from faceshield.adversarial import (
 from faceshield.augment import RandomTransforms
 from faceshield.faces.masks import face_mask_from_landmarks
 from faceshield.methods.base import FRAttackMethod, ProtectionResult, check_photo, register_method
+from faceshield.settings import Settings, setting
 
 
 @dataclass
-class CloakConfig:
+class CloakConfig(Settings):
     """Settings of ``cloak``; :data:`STRENGTHS` holds the presets (``mid`` = these defaults).
 
     Attributes:
@@ -51,19 +52,19 @@ class CloakConfig:
         seed, device: randomness and where to run.
     """
 
-    epsilon: float = 12 / 255
-    texture_floor: float = 0.75
-    steps: int = 40
-    step_size: float = 0.0
-    momentum: float = 0.9
-    margin: float = 0.5
-    mask_scale: float = 1.3
+    epsilon: float = setting(12 / 255, "(0, 1]")
+    texture_floor: float = setting(0.75, "[0, 1]")
+    steps: int = setting(40, "[1, inf)")
+    step_size: float = setting(0.0, "[0, 1]")
+    momentum: float = setting(0.9, "[0, 1]")
+    margin: float = setting(0.5, "[0, 10]")
+    mask_scale: float = setting(1.3, "(0, 10]")
     eot: bool = True
-    gradient_sigma: float = 1.0
-    diversity: float = 0.7
-    min_ssim: float = 0.93
-    min_psnr: float = 35.0
-    check_every: int = 10
+    gradient_sigma: float = setting(1.0, "[0, 20]")
+    diversity: float = setting(0.7, "[0, 1]")
+    min_ssim: float = setting(0.93, "[0, 1)")
+    min_psnr: float = setting(35.0, "[0, 100]")
+    check_every: int = setting(10, "[0, inf)")
     surrogates: tuple[str, ...] = ()
     seed: int = 0
     device: str = "cpu"

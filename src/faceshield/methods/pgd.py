@@ -8,10 +8,11 @@ import torch
 
 from faceshield.adversarial import IdentityObjective, sign_attack
 from faceshield.methods.base import FRAttackMethod, ProtectionResult, check_photo, register_method
+from faceshield.settings import Settings, setting
 
 
 @dataclass
-class PGDConfig:
+class PGDConfig(Settings):
     """Plain projected gradient descent.
 
     Attributes:
@@ -24,9 +25,9 @@ class PGDConfig:
         device: where to run.
     """
 
-    epsilon: float = 8 / 255
-    steps: int = 20
-    step_size: float = 2 / 255
+    epsilon: float = setting(8 / 255, "(0, 1]")
+    steps: int = setting(20, "[1, inf)")
+    step_size: float = setting(2 / 255, "(0, 1]")
     random_start: bool = True
     surrogates: tuple[str, ...] = ()
     seed: int = 0

@@ -15,10 +15,11 @@ import torch
 
 from faceshield.adversarial import IdentityObjective, input_diversity, sign_attack
 from faceshield.methods.base import FRAttackMethod, ProtectionResult, check_photo, register_method
+from faceshield.settings import Settings, setting
 
 
 @dataclass
-class TIPIMConfig:
+class TIPIMConfig(Settings):
     """Momentum + input diversity.
 
     Attributes:
@@ -30,11 +31,11 @@ class TIPIMConfig:
         seed, device: randomness and where to run.
     """
 
-    epsilon: float = 8 / 255
-    steps: int = 50
-    step_size: float = 0.0
-    momentum: float = 1.0
-    diversity_probability: float = 0.5
+    epsilon: float = setting(8 / 255, "(0, 1]")
+    steps: int = setting(50, "[1, inf)")
+    step_size: float = setting(0.0, "[0, 1]")
+    momentum: float = setting(1.0, "[0, 1]")
+    diversity_probability: float = setting(0.5, "[0, 1]")
     surrogates: tuple[str, ...] = ()
     seed: int = 0
     device: str = "cpu"
