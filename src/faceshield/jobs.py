@@ -111,7 +111,7 @@ def check_log_path(path: Path) -> None:
         raise InputError(f"{path}: the log file is not writable; choose another --log")
 
 
-def plan_jobs(inputs: list[str | Path], out_dir: Path | None = None, log_path: Path | None = None,
+def plan_jobs(inputs: list[str | Path], out_dir: str | Path | None = None, log_path: str | Path | None = None,
               overwrite: bool = False) -> Plan:
     """Decide every job of a run and check that it can be done, before any work.
 
@@ -119,12 +119,15 @@ def plan_jobs(inputs: list[str | Path], out_dir: Path | None = None, log_path: P
         inputs: photos and folders (searched recursively), in the user's order.
         out_dir: output folder (relative structure of folder inputs kept), or None for beside each photo.
         log_path: one run log for the whole run, or None for the default beside the outputs.
-        overwrite: ignore earlier records when naming outputs (they are still our outputs, so still replaceable).
+        overwrite: never reuse an earlier output (the plan's ``logs`` stay empty); earlier outputs of the same
+            photos are replaced, files faceshield did not write still never are.
 
     Raises:
         InputError: an empty, missing or unsupported input named by the user; an output folder or log that
             cannot be written. One line naming every offending path and the fix.
     """
+    out_dir = None if out_dir is None else Path(out_dir)
+    log_path = None if log_path is None else Path(log_path)
     named: list[tuple[Path, Path | None]] = []  # (photo, root folder or None)
     unsupported: list[Path] = []
     problems: list[str] = []

@@ -314,9 +314,9 @@ def _reusable(earlier: dict | None, photo: Path, out: Path, protector: Protector
 def protect_paths(
     inputs: list[str | Path] | Plan,
     protector: Protector,
-    out_dir: Path | None = None,
+    out_dir: str | Path | None = None,
     overwrite: bool = False,
-    log_path: Path | None = None,
+    log_path: str | Path | None = None,
     progress: bool = True,
     batch_size: int = 1,
     copy_no_face: bool = True,

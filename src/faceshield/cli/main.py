@@ -405,7 +405,10 @@ def methods_cmd(as_json: bool) -> None:
     for name in list_methods():
         cls = get_method_class(name)
         summary = (sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0]
-        info[name] = {"goals": list(cls.goals), "defaults": dataclasses.asdict(cls.Config()), "summary": summary}
+        allowed = {f.name: f.metadata.get("interval") or list(f.metadata.get("choices") or ()) or None
+                   for f in dataclasses.fields(cls.Config)}
+        info[name] = {"goals": list(cls.goals), "defaults": dataclasses.asdict(cls.Config()),
+                      "allowed": {k: v for k, v in allowed.items() if v}, "summary": summary}
     lines = [f"{n:<12} {v['summary']}" for n, v in info.items()]
     _emit(as_json, info, "\n".join(lines))
 
@@ -440,8 +443,10 @@ def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, sur
     from faceshield.eval.report import to_json, write_report
     from faceshield.methods.base import get_method_class
 
+    from faceshield.fileio import check_writable_folder
     from faceshield.settings import parse_overrides
 
+    check_writable_folder(output, "output folder (-o)")  # before hours of work, not after
     specs = tuple(m.strip() for m in methods.split(",") if m.strip())
     configs = tuple(get_method_class(spec.partition("@")[0]).Config for spec in specs)
     overrides = parse_overrides(configs, settings) if settings else {}

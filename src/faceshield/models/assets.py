@@ -193,7 +193,7 @@ def fetch(name: str) -> Path:
             return _download(asset, source)
         except (OSError, ValueError, zipfile.BadZipFile, tarfile.TarError) as exc:
             errors.append(f"{source.describe()}: {exc}")
-            log.warning("could not fetch %s from %s: %s", name, source.describe(), exc)
+            log.info("could not fetch %s from %s: %s", name, source.describe(), exc)  # all in the error below
     raise AssetError(f"could not fetch model file {name} ({'; '.join(errors)}); {how}")
 
 
