@@ -341,10 +341,10 @@ def protect_paths(
 
     plan = inputs if isinstance(inputs, Plan) else plan_jobs(list(inputs), out_dir, log_path, overwrite)
     copy_no_face = copy_no_face and plan.out_dir is not None
-    records: list[PhotoRecord] = []
+    records: dict[int, PhotoRecord] = {}  # by plan index: input order at the end, whatever the completion order
 
-    def keep(record: PhotoRecord, job: Job) -> None:
-        records.append(record)
+    def keep(record: PhotoRecord, index: int, job: Job) -> None:
+        records[index] = record
         if not record.resumed:
             resolved = {"input_resolved": str(job.photo.resolve()),
                         "output_resolved": str(job.out.resolve()) if record.output else None}
@@ -355,12 +355,13 @@ def protect_paths(
     for index, job in enumerate(plan.jobs):
         reused = _reusable(plan.earlier_record(job), job.photo, job.out, protector)
         if reused is not None:
-            keep(reused, job)
+            keep(reused, index, job)
             bar.update()
         else:
-            pending.append(job)
+            pending.append((index, job))
         if pending and (len(pending) == batch_size or index == len(plan.jobs) - 1):
-            bar.set_postfix_str(pending[0].photo.name[-30:] + (f" +{len(pending) - 1}" if len(pending) > 1 else ""))
+            first = pending[0][1].photo.name[-30:]
+            bar.set_postfix_str(first + (f" +{len(pending) - 1}" if len(pending) > 1 else ""))
             steps_bar = tqdm(total=0, desc="  steps", unit="step", disable=not progress, position=1, leave=False)
 
             def on_step(step: int, total: int, steps_bar=steps_bar) -> None:
@@ -368,13 +369,23 @@ def protect_paths(
                 steps_bar.n = step
                 steps_bar.refresh()
 
+            extra = {}
+            if getattr(protector, "streams_records", False):  # e.g. the Ray protector: log each photo as it finishes
+
+                def on_record(k: int, record: PhotoRecord, pending=pending) -> None:
+                    keep(record, *pending[k])
+                    bar.update()
+
+                extra["on_record"] = on_record
             try:
-                done = protector.protect_files([(j.photo, j.out) for j in pending], on_step, copy_no_face)
+                done = protector.protect_files([(j.photo, j.out) for _, j in pending], on_step, copy_no_face, **extra)
             finally:
                 steps_bar.close()
-            for job, record in zip(pending, done):
-                keep(record, job)
-            bar.update(len(pending))
+            for (i, job), record in zip(pending, done):
+                if i not in records:  # not streamed
+                    keep(record, i, job)
+                    bar.update()
             pending = []
     bar.close()
-    return ProtectRun(records, [str(p) for p in plan.unsupported], [str(p) for p in plan.earlier_outputs])
+    return ProtectRun([records[i] for i in sorted(records)], [str(p) for p in plan.unsupported],
+                      [str(p) for p in plan.earlier_outputs])

@@ -326,10 +326,18 @@ def method_config(method: str, strength: str, surrogates: str | None, settings: 
 @click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
 @click.option("--batch", "batch_size", type=click.IntRange(1), default=1, help="Photos protected together "
               "(faster per photo for adv-latent on a GPU).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS|auto|local]",
+              help="Spread the photos over a Ray cluster: 'auto' (the cluster this machine is in; the default when "
+              "--ray is given alone), HOST:PORT, or 'local' for a Ray instance on this machine. Inputs and outputs "
+              "must be on a filesystem every node sees.")
+@click.option("--ray-workers", type=click.IntRange(1), help="Ray workers (default: one per GPU, or per free CPU).")
+@click.option("--gpus-per-worker", type=click.FloatRange(0, min_open=True), help="GPUs per Ray worker "
+              "(default 1 where the cluster has GPUs).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print every photo's record as one JSON document.")
 def protect(inputs, output, method, strength, target, surrogates, settings, diffusion_model, strict, keep_metadata,
-            jpeg_quality, overwrite, no_copy_unprotected, log_path, detector, batch_size, quiet, as_json) -> None:
+            jpeg_quality, overwrite, no_copy_unprotected, log_path, detector, batch_size, ray_address, ray_workers,
+            gpus_per_worker, quiet, as_json) -> None:
     """Protect the faces in INPUTS (photos or folders) from face recognition.
 
     Each photo ends protected (every attacked FR model fooled), weak (some model still recognises a face: the
@@ -343,16 +351,27 @@ def protect(inputs, output, method, strength, target, surrogates, settings, diff
 
     config = method_config(method, strength, surrogates, settings, diffusion_model)  # checked before any work
     plan = plan_jobs(list(inputs), output, log_path, overwrite)
-    built = get_method_class(method)(config)
-    protector = Protector(built, create_detector(detector), target, keep_metadata, jpeg_quality)
-    run = protect_paths(plan, protector, progress=not quiet and not as_json, batch_size=batch_size,
-                        copy_no_face=not no_copy_unprotected)
+    progress = not quiet and not as_json
+    if ray_address is not None:  # the models live in the Ray workers; same plan, log, verdicts and resume
+        from faceshield.distributed import protect_with_ray, surrogate_names
+
+        run = protect_with_ray(plan, method, config=config, address=None if ray_address == "local" else ray_address,
+                               workers=ray_workers, gpus_per_worker=gpus_per_worker, detector=detector,
+                               target=target, keep_metadata=keep_metadata, jpeg_quality=jpeg_quality,
+                               copy_no_face=not no_copy_unprotected, progress=progress, batch_size=batch_size)
+        n_models = len(surrogate_names(config))
+    else:
+        built = get_method_class(method)(config)
+        protector = Protector(built, create_detector(detector), target, keep_metadata, jpeg_quality)
+        run = protect_paths(plan, protector, progress=progress, batch_size=batch_size,
+                            copy_no_face=not no_copy_unprotected)
+        n_models = len(built.ensemble.names)
     counts = run.counts()
     bad = counts["failed"] + (counts["weak"] if strict else 0)
     if as_json:
         click.echo(json.dumps({**run.to_dict(), "failed": counts["failed"]}, indent=2))
     else:
-        click.echo(_protect_summary(run, len(built.ensemble.names)))
+        click.echo(_protect_summary(run, n_models))
     if bad:
         raise SystemExit(1)
 
@@ -474,6 +493,15 @@ def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, sur
         lines.append(f"{spec:<12} dodging PSR@1e-2 {100 * sum(psr) / len(psr):5.1f}%  PSNR {q['psnr']:.1f} dB  "
                      f"SSIM {q['ssim']:.3f}  {q['seconds']:.1f} s/photo")
     click.echo("\n".join(lines))
+
+
+def _register_serve() -> None:
+    from faceshield.cli.serve import serve
+
+    cli.add_command(serve)
+
+
+_register_serve()
 
 
 def main() -> None:
