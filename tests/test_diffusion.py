@@ -1,5 +1,10 @@
 """The diffusion core on a tiny Stable Diffusion (random weights, SD's layout and schedule), saved with
-``save_pretrained`` and loaded back through the users' loading code."""
+``save_pretrained`` and loaded back through the users' loading code.
+
+With random weights nothing here can be judged by how a face looks, so each mechanism the papers rely on (DDIM
+inversion and sampling, learned unconditional embeddings, recorded self-attention) is checked against diffusers'
+reference schedulers or a closed form, and must fail when the mechanism is removed or reversed
+(docs/mechanisms.md). Diffusion methods added later follow the same rule."""
 
 import shutil
 
@@ -67,7 +72,44 @@ def test_ddim_move_runs_both_ways():
     assert torch.allclose(NoiseSchedule.ddim_move(there, eps, 0.3, 0.9), sample, atol=1e-5)
 
 
+def test_ddim_inversion_and_sampling_match_diffusers_schedulers(tiny_sd, face_rgb):
+    """Mechanism: DDIM inversion (adv-latent's step 2) runs toward more noise exactly as diffusers'
+    ``DDIMInverseScheduler`` (the UNet evaluated at each step's noisier timestep), and sampling back runs as
+    ``DDIMScheduler``; on the tiny UNet, whose output depends on the latent and the timestep, a swapped noise level
+    or timestep changes every number."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    clean = face_latents(tiny_sd, face_rgb)
+    empty = tiny_sd.encode_prompts([""])
+    path = tiny_sd.timesteps(20)[17:]
+    inverse = DDIMInverseScheduler(**SD_SCHEDULER)
+    inverse.set_timesteps(20)
+    assert [int(t) for t in inverse.timesteps[:3]] == path[::-1] == [1, 51, 101]
+    expected = [clean]
+    with torch.no_grad():
+        for t in path[::-1]:
+            expected.append(inverse.step(tiny_sd.predict_noise(expected[-1], t, empty), t, expected[-1]).prev_sample)
+    trajectory = ddim_invert(tiny_sd, clean, empty, path)
+    assert len(trajectory) == len(path) + 1 and torch.equal(trajectory[-1], clean)
+    scale = float(clean.abs().max())
+    for ours, reference in zip(trajectory, expected[::-1]):
+        assert (ours - reference).abs().max() < 1e-5 * scale
+    # the start of the protected trajectory is the image noised to timestep 101, not the clean latent
+    assert (trajectory[0] - clean).pow(2).mean() > 1e-3 * clean.pow(2).mean()
+
+    sampler = DDIMScheduler(**SD_SCHEDULER)
+    sampler.set_timesteps(20)
+    z = trajectory[0]
+    with torch.no_grad():
+        for t in path:
+            z = sampler.step(tiny_sd.predict_noise(z, t, empty), t, z, eta=0.0).prev_sample
+        sampled = denoise(tiny_sd, trajectory[0], path, empty)
+    assert (sampled - z).abs().max() < 1e-5 * scale
+
+
 def test_learned_unconditional_embeddings_reconstruct_better_than_plain_inversion(tiny_sd, face_rgb):
+    """Mechanism: null-text inversion (adv-latent's learned unconditional embeddings): one embedding per step,
+    fitted so that sampling retraces the inversion; replaying them reproduces their reconstruction."""
     clean = face_latents(tiny_sd, face_rgb)
     path = tiny_sd.timesteps(20)[17:]
     empty = tiny_sd.encode_prompts([""])

@@ -6,10 +6,16 @@ Each face is aligned to a 256×256 CelebA-HQ-style crop, encoded by Stable Diffu
 along the last ``diffusion_steps − start_step`` of ``diffusion_steps`` steps. One unconditional embedding per
 step is learned so that sampling retraces the inversion (more capacity, less purification). Then the inverted
 latent is optimised with AdamW so that the sampled-and-decoded face moves away from its own identity (dodging)
-or toward a target's (impersonation) on the surrogate FR ensemble, ``adv_weight · mean_models(1 − cos)``, while
+or toward a target's (impersonation) on the surrogate FR ensemble, ``adv_weight · Σ_models(1 − cos)`` (summed
+over the surrogates as the authors' code does; ``fr_reduction="mean"`` for the mean that METHODS.md writes), while
 the self-attention maps of the protected generation stay those of the original's (``MSE``, summed over the
 recorded layers and steps). No L∞ bound. The decoded faces go back into the photo through feathered face masks;
 pixels outside the masks are untouched.
+
+The start step follows the paper's description: with 20 steps and start step 17 the latent inverted to timestep
+101 is optimised and sampled through the steps 101, 51, 1. The authors' code starts from the latent inverted one
+step further (timestep 151) while still sampling through 101, 51, 1 (an off-by-one in its indexing, which the
+learned embeddings absorb); we do not copy it. Each mechanism has a test that fails without it: docs/mechanisms.md.
 
 Differences from the authors' code, all deliberate: the VAE posterior mean instead of a seeded sample
 (deterministic); inversion stops at the start step instead of running to the noisiest one (the rest is unused);
@@ -46,6 +52,8 @@ class AdvLatentConfig(Settings):
         null_steps, null_lr: AdamW iterations and learning rate per step for the unconditional embeddings.
         steps, lr: AdamW iterations and learning rate on the latent code.
         adv_weight: λ_adv, weight of the FR loss against the self-attention structure loss.
+        fr_reduction: how the FR loss combines the surrogates: ``sum`` of the per-model terms (the authors'
+            code, so λ_adv = 0.003 weighs as theirs per model) or ``mean``.
         attention_layers: UNet self-attention layers for the structure loss, by name prefix
             (e.g. ``up_blocks``); empty = all of them.
         attention_max_tokens: layers with more query tokens are not recorded (32² as the authors).
@@ -63,6 +71,7 @@ class AdvLatentConfig(Settings):
     steps: int = setting(30, "[1, inf)")
     lr: float = setting(0.01, "(0, inf)")
     adv_weight: float = setting(0.003, "(0, inf)")
+    fr_reduction: str = setting("sum", choices=("sum", "mean"))
     attention_layers: tuple[str, ...] = ()
     attention_max_tokens: int = setting(32 * 32, "[1, inf)")
     mask_scale: float = setting(1.3, "(0, 10]")
@@ -121,7 +130,8 @@ class AdvLatent(FRAttackMethod):
         """Protect aligned faces ``F×3×S×S`` (RGB in [0, 1], aligned to ``self.template``), all in one batch.
 
         Returns ``(protected faces F×3×S×S, latent steps run, history)``; ``history`` holds per-step means over the
-        faces of ``loss``, ``adversarial`` (1 − mean cosine toward the target, or mean cosine to the original)
+        faces of ``loss`` (``adv_weight`` × the FR term reduced by ``fr_reduction``, plus ``structure``),
+        ``adversarial`` (1 − mean cosine over the surrogates toward the target, or mean cosine to the original)
         and ``structure``, the latent reconstruction error with the plain and the learned embeddings, and the
         wall-clock seconds of each stage (``seconds_inversion``, ``_embeddings``, ``_optimisation``, ``_decoding``).
         """
@@ -168,9 +178,11 @@ class AdvLatent(FRAttackMethod):
                 # Per-face terms summed over faces: each face gets the gradient it would get alone.
                 structure = sum((m - o).pow(2).mean(dim=(1, 2, 3)) for m, o in zip(maps, original_maps))
                 embeddings = self.ensemble(faces, landmarks)
-                cosine = torch.stack([(e * reference[k]).sum(-1) for k, e in embeddings.items()]).mean(0)
-                adversarial = 1 - cosine if target is not None else cosine
-                loss = (cfg.adv_weight * adversarial + structure).sum()
+                cosines = torch.stack([(e * reference[k]).sum(-1) for k, e in embeddings.items()])  # models × faces
+                per_model = 1 - cosines if target is not None else cosines
+                fr = per_model.sum(0) if cfg.fr_reduction == "sum" else per_model.mean(0)
+                adversarial = per_model.mean(0)
+                loss = (cfg.adv_weight * fr + structure).sum()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
