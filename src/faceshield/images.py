@@ -7,8 +7,11 @@ resolution; detection works on a downscaled copy (see ``faceshield.faces.detect.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from faceshield.errors import ImageReadError, ShapeError
 log = logging.getLogger(__name__)
 
 # Real photos stay far below this limit (a 100 MP medium-format camera); anything above it is refused with our
-# own message before it is decoded (Pillow's own guard would warn, or fail at ~179 MP with its own wording).
+# own message before it is decoded (Pillow's own guard, lifted while we read, would fail from ~179 MP).
 MAX_PIXELS = 250_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # The decoders a photo may go through, whatever its name says: nothing else is ever run on a user's file
@@ -91,6 +94,28 @@ def _to_8bit_rgb(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return np.array(img.convert("RGB")), None
 
 
+_READING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[list[warnings.WarningMessage]]:
+    """The conditions a photo is read under, one photo at a time (both settings are process-wide).
+
+    - Pillow's decompression-bomb guard is lifted: it fails from 2 × ``Image.MAX_IMAGE_PIXELS`` (~179 MP), at
+      open or, for TIFF, at load, below :data:`MAX_PIXELS` and without the image's size. :func:`load_image`
+      checks the size from the header against :data:`MAX_PIXELS` itself, before anything is decoded.
+    - Pillow's warnings about the malformed metadata it skips (corrupt EXIF, tags past the end of the file, a
+      malformed MPO) are recorded instead of printed raw (two lines, Pillow's source) on the user's terminal.
+    """
+    with _READING, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield caught
+        finally:
+            Image.MAX_IMAGE_PIXELS = guard
+
+
 def load_image(path: str | Path) -> LoadedImage:
     """Read a photo as upright 8-bit RGB.
 
@@ -104,13 +129,11 @@ def load_image(path: str | Path) -> LoadedImage:
     if path.is_dir():
         raise ImageReadError(f"{path}: is a folder, expected a photo file")
     try:
-        with warnings.catch_warnings():
-            # our own pixel limit below replaces Pillow's decompression-bomb guard and its raw warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _reading() as caught:
             with Image.open(path, formats=DECODERS) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
-                    raise ImageReadError(f"{path}: {width}×{height} is {width * height / 1e6:.0f} megapixels, more "
+                    raise ImageReadError(f"{path}: {width}×{height} is {width * height / 1e6:.1f} megapixels, more "
                                          f"than the {MAX_PIXELS // 1_000_000} MP faceshield reads; downscale it first")
                 fmt = img.format or "unknown"
                 mode = img.mode
@@ -119,10 +142,14 @@ def load_image(path: str | Path) -> LoadedImage:
                 icc_profile = img.info.get("icc_profile")
                 img = ImageOps.exif_transpose(img)
                 rgb, alpha = _to_8bit_rgb(img)
-            exif_bytes = None
-            if len(exif):
-                exif[0x0112] = 1  # orientation: the pixels were rotated upright above
-                exif_bytes = exif.tobytes()
+                # while the file is open: Pillow reads EXIF sub-IFDs (GPS, Exif) from it on first use, e.g. in a
+                # multi-page TIFF ("seek of closed file" once closed)
+                exif_bytes = None
+                if len(exif):
+                    exif[0x0112] = 1  # orientation: the pixels were rotated upright above
+                    exif_bytes = exif.tobytes()
+        for warning in caught:  # the photo was read: what Pillow skipped is for the log (faceshield -v)
+            log.info("%s: %s", path, " ".join(str(warning.message).split()))
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -177,6 +204,17 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 _FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+# the longest side each format's encoder can write (Pillow raises a bare ValueError beyond it)
+_MAX_SIDE = {"WEBP": 16383, "JPEG": 65500}
+
+
+def check_writable_size(name: str | Path, suffix: str, width: int, height: int) -> None:
+    """Raise :class:`ImageReadError` (naming ``name``) if a ``width``×``height`` image cannot be written as ``suffix``."""
+    fmt = _FORMATS.get(suffix.lower())
+    limit = _MAX_SIDE.get(fmt or "")
+    if limit and max(width, height) > limit:
+        raise ImageReadError(f"{name}: {width}×{height} is too large to write as {fmt} (at most {limit} px a side); "
+                             "convert it to PNG or TIFF first")
 
 
 def save_image(
@@ -205,6 +243,7 @@ def save_image(
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ImageReadError(f"{path}: cannot write this file type; use one of {', '.join(sorted(_FORMATS))}")
+    check_writable_size(path, path.suffix, rgb.shape[1], rgb.shape[0])
     img = Image.fromarray(rgb)
     if grayscale:
         img = img.convert("L")

@@ -32,7 +32,7 @@ import torch
 from faceshield import __version__
 from faceshield.errors import FaceshieldError, NoFaceError
 from faceshield.faces.detect import FaceDetector, create_detector, detect_faces, landmark_tensor
-from faceshield.images import LoadedImage, load_image, save_image, to_tensor, to_uint8
+from faceshield.images import LoadedImage, check_writable_size, load_image, save_image, to_tensor, to_uint8
 from faceshield.jobs import Job, Plan, append_record, plan_jobs, sha256_file
 from faceshield.methods.base import ProtectionMethod
 
@@ -197,7 +197,7 @@ class Protector:
                 for (i, job), result in zip(prepared, results):
                     try:
                         records[i] = self._finish(job, result, share + job.seconds)
-                    except (FaceshieldError, OSError, RuntimeError) as exc:  # e.g. disk full
+                    except (FaceshieldError, OSError, RuntimeError, ValueError) as exc:  # disk full, encoder limits
                         records[i] = _failed(job.photo, exc)
         return [records[i] for i in range(len(jobs))]
 
@@ -211,8 +211,9 @@ class Protector:
         try:
             loaded = load_image(photo)
             save_image(out, loaded.rgb, loaded.alpha, loaded, self.keep_metadata, self.jpeg_quality, loaded.grayscale)
-        except (FaceshieldError, OSError) as exc2:
-            return _failed(photo, exc2)
+        except (FaceshieldError, OSError, ValueError) as exc2:  # nothing to protect; only the copy failed
+            return self._record(photo, None, "no-face", input_sha256=sha256_file(photo),
+                                note=f"{exc}; not copied: {_one_line(exc2)}")
         return self._record(photo, out, "no-face", input_sha256=sha256_file(photo), output_sha256=sha256_file(out),
                             note=f"{exc}; copied unchanged to the output folder")
 
@@ -223,6 +224,7 @@ class Protector:
         digest = sha256_file(photo)
         loaded = load_image(photo)
         landmarks = self._faces(photo, loaded.rgb)
+        check_writable_size(photo, out.suffix, *loaded.size)  # before the protection, not after
         image = to_tensor(loaded.rgb)
         original = self.ensemble.embed(image, landmarks)
         before = self._cosines(image, landmarks, original)
@@ -268,8 +270,12 @@ class _Job:
     seconds: float  # spent preparing
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _failed(photo: Path, exc: Exception) -> PhotoRecord:
-    message = str(exc) if isinstance(exc, FaceshieldError) else f"{photo}: {exc}"
+    message = _one_line(exc) if isinstance(exc, FaceshieldError) else f"{photo}: {_one_line(exc)}"
     log.info("%s", message)  # the caller reports failures once (the CLI's FAIL line)
     return PhotoRecord(str(photo), None, "failed", error=message)
 
