@@ -129,7 +129,7 @@ def check_device(device: str) -> None:
                                "CUDA device(s)")
     elif parsed.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise SettingError(f"device=mps but Apple's Metal backend is not available here; use cpu")
+            raise SettingError("device=mps but Apple's Metal backend is not available here; use cpu")
     elif parsed.type != "cpu":
         raise SettingError(f"device={device!r} is not supported; use cpu, cuda, cuda:N or mps")
 

@@ -415,19 +415,10 @@ def _protect_summary(run, n_models: int) -> str:
 @cli.command("methods")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def methods_cmd(as_json: bool) -> None:
-    """List the protection methods and their default settings."""
-    import dataclasses
+    """List the protection methods, their default settings and the values each setting allows."""
+    from faceshield.methods.base import describe_methods
 
-    from faceshield.methods.base import get_method_class, list_methods
-
-    info = {}
-    for name in list_methods():
-        cls = get_method_class(name)
-        summary = (sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0]
-        allowed = {f.name: f.metadata.get("interval") or list(f.metadata.get("choices") or ()) or None
-                   for f in dataclasses.fields(cls.Config)}
-        info[name] = {"goals": list(cls.goals), "defaults": dataclasses.asdict(cls.Config()),
-                      "allowed": {k: v for k, v in allowed.items() if v}, "summary": summary}
+    info = describe_methods()
     lines = [f"{n:<12} {v['summary']}" for n, v in info.items()]
     _emit(as_json, info, "\n".join(lines))
 

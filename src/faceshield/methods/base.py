@@ -159,3 +159,22 @@ def method_config(name: str, preset: str | None = None, **overrides: Any) -> Any
 def create_method(name: str, preset: str | None = None, **overrides: Any) -> ProtectionMethod:
     """Build method ``name`` from :func:`method_config` (same arguments); unknown or bad settings are rejected."""
     return get_method_class(name)(method_config(name, preset, **overrides))
+
+
+def describe_methods() -> dict:
+    """Every method, JSON-ready: goals, one-line summary, default settings, allowed ranges/choices and strength
+    presets (what ``faceshield methods --json`` and the server's ``/methods`` show)."""
+    import json
+    import sys
+
+    info = {}
+    for name in list_methods():
+        cls = get_method_class(name)
+        summary = (sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0]
+        allowed = {f.name: f.metadata.get("interval") or list(f.metadata.get("choices") or ()) or None
+                   for f in dataclasses.fields(cls.Config)}
+        info[name] = {"goals": list(cls.goals), "summary": summary,
+                      "defaults": json.loads(json.dumps(dataclasses.asdict(cls.Config()), default=str)),
+                      "allowed": {k: v for k, v in allowed.items() if v},
+                      "strengths": {k: json.loads(json.dumps(v, default=str)) for k, v in cls.presets.items()}}
+    return info

@@ -11,14 +11,12 @@ their job (DELETE, TTL, after download, shutdown); nothing logs photo names or p
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import hmac
 import io
 import json
 import logging
 import re
-import sys
 import unicodedata
 import warnings
 import zipfile
@@ -26,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -202,19 +200,9 @@ def sniff(data: bytes, settings: ServerSettings, label: str) -> tuple[str, int, 
 
 def methods_info() -> dict:
     """Every method: goals, one-line summary, default settings, allowed ranges/choices and strength presets."""
-    from faceshield.methods.base import get_method_class, list_methods
+    from faceshield.methods.base import describe_methods
 
-    info = {}
-    for name in list_methods():
-        cls = get_method_class(name)
-        summary = (sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0]
-        allowed = {f.name: f.metadata.get("interval") or list(f.metadata.get("choices") or ()) or None
-                   for f in dataclasses.fields(cls.Config)}
-        info[name] = {"goals": list(cls.goals), "summary": summary,
-                      "defaults": json.loads(json.dumps(dataclasses.asdict(cls.Config()), default=str)),
-                      "allowed": {k: v for k, v in allowed.items() if v},
-                      "strengths": {k: json.loads(json.dumps(v, default=str)) for k, v in cls.presets.items()}}
-    return info
+    return describe_methods()
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
