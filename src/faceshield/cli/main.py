@@ -371,12 +371,13 @@ def protect(inputs, output, method, strength, target, surrogates, settings, diff
     if as_json:
         click.echo(json.dumps({**run.to_dict(), "failed": counts["failed"]}, indent=2))
     else:
-        click.echo(_protect_summary(run, n_models))
+        click.echo(_protect_summary(run, n_models, strength if get_method_class(method).presets else None))
     if bad:
         raise SystemExit(1)
 
 
-def _protect_summary(run, n_models: int) -> str:
+def _protect_summary(run, n_models: int, strength: str | None = None) -> str:
+    advice = "try more steps (e.g. --set steps=120)" if strength == "high" else None
     lines = []
     for r in run.records:
         again = " (reused: same photo and settings as an earlier run)" if r.resumed else ""
@@ -387,7 +388,7 @@ def _protect_summary(run, n_models: int) -> str:
         elif r.status == "weak":
             why = "; ".join(f"face {i + 1}: " + ", ".join(f"{u['model']} {u['reason']}" for u in v["unfooled"])
                             for i, v in enumerate(r.verdicts) if v["unfooled"])
-            lines.append(f"weak  {r.input} -> {r.output}: still recognised — {why}; {r.note}{again}")
+            lines.append(f"weak  {r.input} -> {r.output}: still recognised — {why}; {advice or r.note}{again}")
         elif r.status == "no-face":
             where = f"copied unchanged to {r.output}" if r.output else "left as it is"
             lines.append(f"none  {r.input}: no face found, nothing to protect; {where}{again}")
