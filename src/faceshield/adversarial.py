@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from faceshield.augment import gaussian_blur
+from faceshield.augment import gaussian_blur, luma
 from faceshield.models.ensemble import FREnsemble
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,9 @@ def texture_budget(image: torch.Tensor, epsilon: float, floor: float = 0.5, sigm
     the basis of JND models). The local standard deviation of luma over a Gaussian window of ``sigma`` px,
     divided by its 75th percentile over the image, scales the budget within ``[floor, 1]``.
     """
-    luma = (0.299 * image[:, 0:1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:3]).detach()
-    mean = gaussian_blur(luma, sigma, border="nearest", truncate=3.0)
-    std = (gaussian_blur(luma * luma, sigma, border="nearest", truncate=3.0) - mean * mean).clamp(min=0).sqrt()
+    y = luma(image.detach())
+    mean = gaussian_blur(y, sigma, border="nearest", truncate=3.0)
+    std = (gaussian_blur(y * y, sigma, border="nearest", truncate=3.0) - mean * mean).clamp(min=0).sqrt()
     reference = torch.quantile(std.flatten(), 0.75).clamp(min=1e-4)
     return epsilon * (std / reference).clamp(floor, 1.0)
 

@@ -27,6 +27,7 @@ from faceshield.errors import ShapeError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "luma",
     "jpeg_approx",
     "jpeg_quant_tables",
     "resize_roundtrip",
@@ -88,6 +89,13 @@ def _check_image(x: Tensor, name: str = "x", channels: int | None = None) -> Non
         raise ShapeError(f"{name} must be a float tensor in [0, 1], got dtype {x.dtype}")
     if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
         raise ShapeError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+
+
+def luma(x: Tensor) -> Tensor:
+    """``B×3×H×W`` RGB in [0, 1] → ``B×1×H×W`` ITU-R BT.601 luma (JPEG's Y; Pillow's ``convert("L")``)."""
+    _check_image(x, channels=3)
+    r, g, b = _RGB_TO_YCBCR[0]
+    return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
 
 
 # --------------------------------------------------------------------------------------------------- JPEG

@@ -18,7 +18,6 @@ log says it was made from the same input bytes with the same settings and the fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,14 +32,6 @@ log = logging.getLogger(__name__)
 
 SUFFIX = "_protected"
 LOG_NAME = "faceshield-log.jsonl"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

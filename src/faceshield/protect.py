@@ -33,7 +33,8 @@ from faceshield import __version__
 from faceshield.errors import FaceshieldError, NoFaceError
 from faceshield.faces.detect import FaceDetector, create_detector, detect_faces, landmark_tensor
 from faceshield.images import LoadedImage, check_writable_size, load_image, save_image, to_tensor, to_uint8
-from faceshield.jobs import Job, Plan, append_record, plan_jobs, sha256_file
+from faceshield.fileio import sha256_file
+from faceshield.jobs import Job, Plan, append_record, plan_jobs
 from faceshield.methods.base import ProtectionMethod
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,6 @@ def face_verdicts(similarity: dict, target_similarity: dict | None = None) -> li
     return verdicts
 
 
-def to_luminance(image: torch.Tensor) -> torch.Tensor:
-    """``1×3×H×W`` RGB → the same with three equal channels, ITU-R 601 luma (as Pillow's ``convert("L")``)."""
-    luma = 0.299 * image[:, 0:1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:3]
-    return luma.expand(-1, 3, -1, -1)
-
-
 class Protector:
     """Protects photos with one method (models loaded once), a batch of photos per :meth:`protect_files` call.
 
@@ -179,11 +174,14 @@ class Protector:
         prepared: list[tuple[int, _Job]] = []
         for i, (photo, out) in enumerate(jobs):
             try:
-                prepared.append((i, self._prepare(photo, out)))
-            except NoFaceError as exc:
-                records[i] = self._no_face(photo, out, exc, copy_no_face)
+                job = self._prepare(photo, out, copy_no_face)
             except (FaceshieldError, OSError) as exc:
                 records[i] = _failed(photo, exc)
+                continue
+            if isinstance(job, PhotoRecord):  # no face: nothing to protect
+                records[i] = job
+            else:
+                prepared.append((i, job))
         if prepared:
             start = time.perf_counter()
             try:
@@ -205,25 +203,29 @@ class Protector:
         return PhotoRecord(str(job_photo), str(out) if out else None, status, method=self.method.name,
                            parameters=self.method.config_dict(), settings_sha256=self.settings_sha256, **fields)
 
-    def _no_face(self, photo: Path, out: Path, exc: NoFaceError, copy: bool) -> PhotoRecord:
+    def _no_face(self, photo: Path, out: Path, loaded: LoadedImage, digest: str, exc: NoFaceError,
+                 copy: bool) -> PhotoRecord:
         if not copy:
-            return self._record(photo, None, "no-face", input_sha256=sha256_file(photo), note=str(exc))
+            return self._record(photo, None, "no-face", input_sha256=digest, note=str(exc))
         try:
-            loaded = load_image(photo)
             save_image(out, loaded.rgb, loaded.alpha, loaded, self.keep_metadata, self.jpeg_quality, loaded.grayscale)
         except (FaceshieldError, OSError, ValueError) as exc2:  # nothing to protect; only the copy failed
-            return self._record(photo, None, "no-face", input_sha256=sha256_file(photo),
+            return self._record(photo, None, "no-face", input_sha256=digest,
                                 note=f"{exc}; not copied: {_one_line(exc2)}")
-        return self._record(photo, out, "no-face", input_sha256=sha256_file(photo), output_sha256=sha256_file(out),
+        return self._record(photo, out, "no-face", input_sha256=digest, output_sha256=sha256_file(out),
                             note=f"{exc}; copied unchanged to the output folder")
 
-    def _prepare(self, photo: Path, out: Path) -> "_Job":
+    def _prepare(self, photo: Path, out: Path, copy_no_face: bool) -> "_Job | PhotoRecord":
+        """The photo read, its faces found and embedded; or, without a face, its "no-face" record."""
         start = time.perf_counter()
         if out.resolve() == photo.resolve():
             raise FaceshieldError(f"{photo}: output would overwrite the input; choose another output folder")
         digest = sha256_file(photo)
         loaded = load_image(photo)
-        landmarks = self._faces(photo, loaded.rgb)
+        try:
+            landmarks = self._faces(photo, loaded.rgb)
+        except NoFaceError as exc:
+            return self._no_face(photo, out, loaded, digest, exc, copy_no_face)
         check_writable_size(photo, out.suffix, *loaded.size)  # before the protection, not after
         image = to_tensor(loaded.rgb)
         original = self.ensemble.embed(image, landmarks)
@@ -232,8 +234,8 @@ class Protector:
 
     def _finish(self, job: "_Job", result, seconds: float) -> PhotoRecord:
         start = time.perf_counter()
-        image = to_luminance(result.image) if job.loaded.grayscale else result.image
-        save_image(job.out, to_uint8(image), job.loaded.alpha, job.loaded, self.keep_metadata, self.jpeg_quality,
+        # a grayscale source is written back as its luma (save_image), and judged as such below
+        save_image(job.out, to_uint8(result.image), job.loaded.alpha, job.loaded, self.keep_metadata, self.jpeg_quality,
                    job.loaded.grayscale)
         written = to_tensor(load_image(job.out).rgb)  # judged on what the user gets, after rounding and JPEG
         after = self._cosines(written, job.landmarks, job.original)

@@ -31,21 +31,15 @@ class _Group(click.Group):
     traceback). With ``--json`` anywhere on the command line the error is one JSON document on stdout
     (``{"error": ..., "exit_code": ...}``), so that a caller always gets valid JSON."""
 
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except FaceshieldError as exc:
-            error = click.ClickException(str(exc))
-            if isinstance(exc, SettingError):
-                error.exit_code = 2  # a bad option value, like click's own usage errors
-            raise error from None
-
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         argv = list(sys.argv[1:] if args is None else args)
         as_json = "--json" in argv
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.ClickException as exc:
+        except (click.ClickException, FaceshieldError) as error:
+            exc = error if isinstance(error, click.ClickException) else click.ClickException(str(error))
+            if isinstance(error, SettingError):
+                exc.exit_code = 2  # a bad option value, like click's own usage errors
             if as_json:
                 click.echo(json.dumps({"error": exc.format_message(), "exit_code": exc.exit_code}))
             else:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Union
 
 from faceshield.errors import AssetError
+from faceshield.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +137,6 @@ def mirror_dirs() -> list[Path]:
 
 def offline() -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes"}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _matches(asset: Asset, path: Path) -> bool:

@@ -198,13 +198,6 @@ def sniff(data: bytes, settings: ServerSettings, label: str) -> tuple[str, int, 
     return fmt, width, height
 
 
-def methods_info() -> dict:
-    """Every method: goals, one-line summary, default settings, allowed ranges/choices and strength presets."""
-    from faceshield.methods.base import describe_methods
-
-    return describe_methods()
-
-
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app for ``settings`` (default :class:`ServerSettings`()). Its worker pool starts with the app's
     lifespan (uvicorn, or ``with TestClient(app)``) and its private folder is removed when the app stops."""
@@ -252,7 +245,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @api.get("/methods", summary="Protection methods, their default settings, allowed ranges and strengths",
              responses=errors)
     def methods() -> dict:
-        return methods_info()
+        from faceshield.methods.base import describe_methods  # torch loads on first use, not at start-up
+
+        return describe_methods()
 
     @api.get("/limits", summary="Upload limits of this server", responses=errors)
     def limits() -> dict:
