@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACESHIELD_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("FACESHIELD_MIRROR", str(SHARED / "models"))
 
-from faceshield.diffusion.adapter import SD2_BASE, TINY, build_random_stable_diffusion  # noqa: E402
+from faceshield.diffusion.testing import SD2_BASE, TINY, build_random_stable_diffusion  # noqa: E402
 from faceshield.images import load_image, to_tensor  # noqa: E402
 from faceshield.methods.adv_latent import AdvLatent, AdvLatentConfig  # noqa: E402
 

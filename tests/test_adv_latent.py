@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from faceshield.diffusion.adapter import load_stable_diffusion, save_tiny_stable_diffusion  # noqa: E402
+from faceshield.diffusion.loading import load_stable_diffusion  # noqa: E402
+from faceshield.diffusion.testing import save_tiny_stable_diffusion  # noqa: E402
 from faceshield.diffusion.inversion import ddim_invert, denoise, learn_unconditional_embeddings  # noqa: E402
 from faceshield.faces.align import CELEBAHQ_256, crop_transform, warp_back, warp_to_crop  # noqa: E402
 from faceshield.faces.detect import create_detector, detect_faces, landmark_tensor  # noqa: E402

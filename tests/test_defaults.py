@@ -49,7 +49,7 @@ def test_adv_latent_protects_the_last_three_of_twenty_ddim_steps_without_a_pixel
     pytest.importorskip("diffusers")
     from diffusers import DDIMScheduler
 
-    from faceshield.diffusion.adapter import SD_SCHEDULER
+    from faceshield.diffusion.testing import SD_SCHEDULER
 
     config = get_method_class("adv-latent").Config()
     scheduler = DDIMScheduler(**SD_SCHEDULER)

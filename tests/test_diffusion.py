@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from faceshield.diffusion.adapter import (  # noqa: E402
-    SD_SCHEDULER, DiffusionModelError, load_stable_diffusion, save_tiny_stable_diffusion,
-)
+from faceshield.diffusion.loading import load_stable_diffusion  # noqa: E402
+from faceshield.diffusion.testing import SD_SCHEDULER, save_tiny_stable_diffusion  # noqa: E402
+from faceshield.errors import DiffusionModelError  # noqa: E402
 from faceshield.diffusion.inversion import ddim_invert, denoise, learn_unconditional_embeddings  # noqa: E402
 from faceshield.diffusion.schedule import NoiseSchedule  # noqa: E402
 

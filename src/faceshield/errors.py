@@ -23,3 +23,7 @@ class ShapeError(FaceshieldError, ValueError):
 
 class InputError(FaceshieldError):
     """Inputs or outputs that make a command impossible; raised before any photo is touched."""
+
+
+class DiffusionModelError(FaceshieldError):
+    """A diffusion model (or a part of one) cannot be loaded or used."""

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from faceshield.diffusion.adapter import StableDiffusion
+from faceshield.diffusion.loading import StableDiffusion
 from faceshield.diffusion.schedule import NoiseSchedule
 
 

@@ -11,7 +11,6 @@ import logging
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from faceshield.augment import gaussian_blur

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from faceshield.diffusion.adapter import DEFAULT_MODEL, StableDiffusion, cached_stable_diffusion
+from faceshield.diffusion.loading import DEFAULT_MODEL, StableDiffusion, cached_stable_diffusion
 from faceshield.diffusion.inversion import ddim_invert, denoise, learn_unconditional_embeddings
 from faceshield.errors import FaceshieldError
 from faceshield.faces.align import CELEBAHQ_256, crop_transform, warp_to_crop
