@@ -66,6 +66,29 @@ def test_noise_schedule_and_ddim_step_match_diffusers():
             assert (got - expected).abs().max() < 1e-5, (prediction, t)
 
 
+def test_generation_matches_the_stock_diffusers_pipeline(tiny_sd_dir, tiny_sd):
+    """Text-to-image DDIM with classifier-free guidance (the attack harness, APL, Diff-Privacy) gives the stock
+    ``StableDiffusionPipeline``'s images for the same seed; guidance is a mechanism (scale 1 vs 7.5 differ, and
+    a swapped conditional/unconditional pair is far from the reference)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from faceshield.diffusion.generation import generate
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a face", "a dog"]
+    for guidance in (1.0, 7.5):
+        reference = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, height=64, width=64,
+                         generator=torch.Generator().manual_seed(3), output_type="pt").images
+        ours = generate(tiny_sd, prompts, steps=4, guidance=guidance, seed=3, height=64, width=64)
+        assert ours.shape == (2, 3, 64, 64)
+        assert (ours - reference).abs().max() < 1e-4, guidance
+    swapped = generate(tiny_sd, embeddings=tiny_sd.encode_prompts([""]), negative="a photo of a face", steps=4,
+                       guidance=7.5, seed=3, height=64, width=64)
+    assert (swapped - reference[:1]).abs().max() > 1e-2
+
+
 def test_ddim_move_runs_both_ways():
     sample, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     there = NoiseSchedule.ddim_move(sample, eps, 0.9, 0.3)
