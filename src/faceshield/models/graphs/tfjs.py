@@ -81,6 +81,15 @@ class _Node:
     attr: dict
 
 
+# Public name for graph rewrites (see ``load_tfjs_graph(rewrite=...)``).
+TFJSNode = _Node
+
+# ``rewrite(nodes, weights) -> nodes``: repairs a known, badly converted graph before it is built; it may also
+# replace entries of ``weights`` (constant name → array). Only ever passed for a specific file (keyed on its
+# sha256 by the caller), never applied to graphs in general.
+GraphRewrite = Callable[[list[_Node], dict[str, np.ndarray]], list[_Node]]
+
+
 def _tensor_name(ref: str) -> str:
     """``"node:0"`` → ``"node"``; other output indices are refused (no op we run has several outputs)."""
     name, _, index = ref.partition(":")
@@ -569,6 +578,7 @@ def load_tfjs_graph(
     model_json: Path | str,
     outputs: list[str] | None = None,
     weight_files: Mapping[str, Path] | None = None,
+    rewrite: GraphRewrite | None = None,
 ) -> TFJSGraph:
     """Load a TF.js graph model into a :class:`TFJSGraph` (float32, eval mode, no gradients on weights).
 
@@ -577,6 +587,8 @@ def load_tfjs_graph(
         outputs: node names to return (``":0"`` suffixes allowed); default: the model's signature outputs, or
             the graph's sink nodes when it has no signature.
         weight_files: where each shard named in ``weightsManifest.paths`` is, when not beside ``model_json``.
+        rewrite: a repair for one known graph (:data:`GraphRewrite`), applied to the parsed nodes and decoded
+            weights before the module is built.
 
     Raises:
         TFJSGraphError: unreadable model, missing weights, or unknown output names.
@@ -603,6 +615,8 @@ def load_tfjs_graph(
     ]
     model_name = model_json.stem
     weights = _read_weights(spec, model_name, weight_files, model_json.parent)
+    if rewrite is not None:
+        nodes = rewrite(nodes, weights)
     if outputs is None:
         outputs = _signature_outputs(spec)
         if not outputs:
