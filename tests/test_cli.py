@@ -88,3 +88,14 @@ def test_protect_cli_exit_code_and_json(tmp_path, shared_data):
 def test_protect_rejects_unknown_setting(tmp_path):
     result = run("protect", tmp_path, "--set", "nonsense=1", ok=False)
     assert result.exit_code == 2 and "nonsense=1" in result.output
+
+
+def test_the_command_line_starts_without_importing_torch():
+    """`faceshield --help` and typos answer at once: no command module imports torch or diffusers at load time
+    (each imports them inside its command)."""
+    import subprocess
+    import sys
+
+    code = "import sys, faceshield.cli.main; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

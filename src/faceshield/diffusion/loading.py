@@ -18,13 +18,14 @@ from typing import Iterator, Sequence
 
 import torch
 
+from faceshield.diffusion.hub import SD2_BASE_ID
 from faceshield.diffusion.attention import record_self_attention, self_attention_layers
 from faceshield.diffusion.schedule import NoiseSchedule
 from faceshield.errors import DiffusionModelError, ShapeError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-base"
+DEFAULT_MODEL = SD2_BASE_ID
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from faceshield.errors import ShapeError
+from faceshield.models.expressions import EMOTION_LABELS
 from faceshield.models.fr.human import HUMAN_MODELS, HUMAN_REFERENCE, load_human_graph
 from faceshield.models.graphs.tfjs import TFJSGraph
 
@@ -44,7 +45,6 @@ class HumanAuxConfig:
     reference: str
 
 
-EMOTION_LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 # Human's grayscale weights (src/tfjs/constants.ts ``rgb``; MATLAB rgb2gray).
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
