@@ -26,12 +26,18 @@ $(VENV)/.installed: pyproject.toml tests/reference/tfjs/package-lock.json
 samples/astronaut.png: | install
 	$(PY) scripts/make_samples.py samples
 
+# The judge is a model the protection never attacked (dlib-resnet, held out with --surrogates -dlib-resnet), seeing
+# the photos through a detector and an alignment the protection never used (--pipeline independent).
+JUDGE := --models dlib-resnet --pipeline independent
 demo: install samples/astronaut.png
-	$(VENV)/bin/faceshield protect samples/astronaut.png -o samples/protected
-	@echo "--- before: the original photo against another photo of her"
-	$(VENV)/bin/faceshield verify samples/astronaut.png samples/astronaut_second.jpg
-	@echo "--- after: the protected photo against the same other photo"
-	$(VENV)/bin/faceshield verify samples/protected/astronaut_protected.png samples/astronaut_second.jpg
+	$(VENV)/bin/faceshield protect samples/astronaut.png -o samples/protected --surrogates -dlib-resnet --overwrite
+	@echo "--- before: the original photo against another photo of her, judged by an unseen model and pipeline"
+	$(VENV)/bin/faceshield verify samples/astronaut.png samples/astronaut_second.jpg $(JUDGE)
+	@echo "--- after: the protected photo against the same other photo, same judge"
+	$(VENV)/bin/faceshield verify samples/protected/astronaut_protected.png samples/astronaut_second.jpg $(JUDGE)
+	@echo "--- after, every calibrated model (those the protection attacked included), independent pipeline"
+	$(VENV)/bin/faceshield verify samples/protected/astronaut_protected.png samples/astronaut_second.jpg \
+		--pipeline independent
 
 test: install
 	$(VENV)/bin/python -m pytest -q --durations=10

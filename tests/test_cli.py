@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from conftest import PAIRS, pair_ids
 from faceshield.cli.main import cli
+from faceshield.eval.calibration import shipped_table
 
 
 def run(*args, ok=True):
@@ -31,7 +32,7 @@ def test_verify_same_and_different_people(shared_data):
     for a, b in zip(ids, ids[1:]):
         report = json.loads(run("verify", PAIRS / "train" / f"{a}.png", PAIRS / "test" / f"{b}.png", "--json").output)
         assert report["verdict"] == "different", report
-        assert set(report["models"]) == {"dlib-resnet", "faceres", "mobilefacenet-ms1m"}
+        assert set(report["models"]) == set(shipped_table().strong_models())  # the calibrated strong models
 
 
 def test_verify_no_face_is_one_clear_error(tmp_path, shared_data):

@@ -82,6 +82,23 @@ def test_leave_one_out_results_are_complete(result):
     assert result["floor"]["dodging"]["dlib-resnet"]["0.01"] == 0.0
 
 
+def test_every_protected_photo_is_also_judged_by_the_independent_pipeline(result):
+    """Judged a second time through MTCNN + an OpenCV bicubic warp with that pipeline's own thresholds, beside the
+    same-pipeline numbers: every protected photo (dodging and each target), and the unprotected floor."""
+    from faceshield.eval.judge import judge_table
+
+    info = result["independent"]
+    assert "warpAffine bicubic" in info["pipeline"]
+    for judge in JUDGES:
+        assert info["thresholds"][judge]["0.01"] == judge_table().models[judge].threshold(1e-2)
+        entry = result["methods"]["pgd"]["judges"][judge]
+        assert entry["independent"]["judged"] == result["n_dodging"]
+        assert 0.0 <= entry["independent"]["dodging"]["0.01"] <= 1.0
+        assert set(entry["independent_impersonation"]) == set(result["targets"])
+        assert result["floor"]["independent"][judge]["judged"] == result["n_dodging"]
+    assert result["floor"]["independent"]["dlib-resnet"]["dodging"]["0.01"] == 0.0  # the same person: matched
+
+
 def test_each_held_out_judge_is_excluded_from_the_surrogates_of_its_run(spied):
     """Mechanism: the leave-one-out black box, the core property of every black-box number we report. Every
     protected photo a judge scores was made by a method that attacked the pool minus that judge — in its

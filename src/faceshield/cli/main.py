@@ -118,7 +118,8 @@ def models_list(as_json: bool) -> None:
         })
     lines = ["FR models:"]
     for m in fr:
-        auc = "uncalibrated" if m["auc"] is None else f"AUC {m['auc']:.3f}{' (weak)' if m['weak'] else ''}"
+        auc = ("research only (FACESHIELD_ALLOW_RESEARCH_MODELS=1)" if m["auc"] is None and "research" in m["licence"]
+               else "uncalibrated" if m["auc"] is None else f"AUC {m['auc']:.3f}{' (weak)' if m['weak'] else ''}")
         lines.append(f"  {m['name']:<20} {m['input_size']}px {m['embedding_dim']}-D  {auc}  {m['licence']}")
     lines.append("Model files:")
     for f in files:
@@ -229,16 +230,20 @@ def detect(image: Path, detector: str, show: str | None, as_json: bool) -> None:
               "strong models) or 'all'.")
 @click.option("--far", type=click.Choice(["0.01", "0.001"]), default="0.01", help="False-accept rate of the threshold.")
 @click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
+@click.option("--pipeline", type=click.Choice(["faceshield", "independent"]), default="faceshield", show_default=True,
+              help="independent: detect and align as a system outside faceshield would (MTCNN, OpenCV bicubic), "
+                   "with that pipeline's own thresholds.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(image1: Path, image2: Path, model_names: str, far: str, detector: str, as_json: bool) -> None:
+def verify(image1: Path, image2: Path, model_names: str, far: str, detector: str, pipeline: str,
+           as_json: bool) -> None:
     """Do IMAGE1 and IMAGE2 show the same person? Per-model cosine similarity and verdict, and a majority vote.
 
     Uses the most confident face of each photo; thresholds are the shipped calibration at the chosen FAR.
     """
     from faceshield.eval.verify import verify_photos
 
-    report = verify_photos(image1, image2, model_names, float(far), detector)
-    lines = [f"{image1} vs {image2} (threshold at FAR {far}):"]
+    report = verify_photos(image1, image2, model_names, float(far), detector, pipeline)
+    lines = [f"{image1} vs {image2} (threshold at FAR {far}, {pipeline} pipeline):"]
     for name, r in report["models"].items():
         lines.append(f"  {name:<20} cosine {r['cosine']:+.3f}  threshold {r['threshold']:.3f}  "
                      f"{'same' if r['same'] else 'different'}")
@@ -251,27 +256,39 @@ def verify(image1: Path, image2: Path, model_names: str, far: str, detector: str
 @click.argument("pairs_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--models", "model_names", default="all", help="Comma-separated FR models or 'all'.")
 @click.option("--limit", type=int, default=None, help="Use only the first N pairs (sorted by name).")
-@click.option("--detector", default=DEFAULT_DETECTOR, help="Face detector.")
+@click.option("--detector", default=None, help=f"Face detector (default: {DEFAULT_DETECTOR}; mtcnn for "
+              "--pipeline independent).")
+@click.option("--pipeline", type=click.Choice(["faceshield", "independent"]), default="faceshield", show_default=True,
+              help="faceshield: our detector and differentiable alignment (what protection uses); independent: "
+                   "the independent judge's MTCNN/dlib + OpenCV bicubic alignment (faceshield.eval.judge).")
 @click.option("--output", type=click.Path(path_type=Path), help="Write the table as JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def calibrate(pairs_dir: Path, model_names: str, limit: int | None, detector: str, output: Path | None,
-              as_json: bool, quiet: bool) -> None:
+def calibrate(pairs_dir: Path, model_names: str, limit: int | None, detector: str | None, pipeline: str,
+              output: Path | None, as_json: bool, quiet: bool) -> None:
     """ROC AUC, cosine thresholds at FAR 1e-2 / 1e-3 and TAR per FR model on PAIRS_DIR (train/N vs test/N).
 
-    The package ships the table made by:
+    The package ships the tables made by:
     faceshield calibrate ../shared/data/celebahq-pairs --output src/faceshield/data/calibration.json
+    faceshield calibrate ../shared/data/celebahq-pairs --pipeline independent
+    --output src/faceshield/data/judge_calibration.json
     """
     from faceshield.eval.calibration import run_calibration
-    from faceshield.models.registry import list_fr_models
-
+    from faceshield.eval.judge import calibrate_judge
     from faceshield.fileio import check_output_file
 
     if output:
         check_output_file(output, [], "--output")
-    names = list_fr_models() if model_names == "all" else [m.strip() for m in model_names.split(",")]
+    from faceshield.eval.verify import usable_fr_models
+
+    names = usable_fr_models() if model_names == "all" else [m.strip() for m in model_names.split(",")]
     command = "faceshield calibrate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    table = run_calibration(pairs_dir, names, detector, limit, progress=not quiet and not as_json, command=command)
+    progress = not quiet and not as_json
+    if pipeline == "independent":
+        table = calibrate_judge(pairs_dir, names, detector or "mtcnn", limit, progress=progress, command=command)
+    else:
+        table = run_calibration(pairs_dir, names, detector or DEFAULT_DETECTOR, limit, progress=progress,
+                                command=command)
     if output:
         table.save(output)
     _emit(as_json, json.loads(table.to_json()), table.markdown())
@@ -291,7 +308,12 @@ def method_config(method: str, strength: str, surrogates: str | None, settings: 
             raise click.BadParameter(f"method {method!r} uses no diffusion model", param_hint="--diffusion-model")
         overrides["diffusion_model"] = diffusion_model
     if surrogates:
-        overrides["surrogates"] = tuple(s.strip() for s in surrogates.split(",") if s.strip())
+        names = [s.strip() for s in surrogates.split(",") if s.strip()]
+        if names and all(n.startswith("-") for n in names):  # "-model,…": the default pool without those
+            from faceshield.eval.calibration import shipped_table
+
+            names = [m for m in shipped_table().surrogate_models() if f"-{m}" not in names]
+        overrides["surrogates"] = tuple(names)
     return make_config(method, preset=strength if cls.presets else None, **overrides)
 
 
@@ -303,7 +325,8 @@ def method_config(method: str, strength: str, surrogates: str | None, settings: 
 @click.option("--strength", type=click.Choice(["low", "mid", "high"]), default="mid", help="Preset of cloak.")
 @click.option("--target", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Impersonate the person in this photo instead of just hiding identity.")
-@click.option("--surrogates", help="Comma-separated FR models to attack (default: calibrated models with AUC ≥ 0.9).")
+@click.option("--surrogates", help="Comma-separated FR models to attack (default: calibrated models with AUC ≥ 0.9); "
+              "-NAME,… = the default pool without those (e.g. -dlib-resnet to keep it as an unseen judge).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a method setting, e.g. "
               "--set epsilon=4/255 --set steps=60 (repeatable; `faceshield methods` shows them).")
 @click.option("--diffusion-model", metavar="HUB_ID|FOLDER", help="Stable Diffusion model of the diffusion methods "

@@ -30,6 +30,7 @@ from PIL import Image, ImageFilter
 
 from faceshield.errors import FaceshieldError
 from faceshield.eval.calibration import far_key, pair_ids, shipped_table
+from faceshield.eval.judge import IndependentJudge, judge_table
 from faceshield.eval.quality import brisque, psnr, ssim
 from faceshield.faces.detect import best_face_landmarks, create_detector
 from faceshield.images import load_image, to_tensor, to_uint8
@@ -57,6 +58,7 @@ class EvalConfig:
         fars: false-accept rates of the thresholds.
         robustness: also measure dodging after JPEG / resize / blur.
         settings: extra method settings, applied to every method that has them.
+        independent: also judge through the independent pipeline (:mod:`faceshield.eval.judge`).
     """
 
     methods: tuple[str, ...] = ("cloak@mid",)
@@ -69,6 +71,7 @@ class EvalConfig:
     fars: tuple[float, ...] = (1e-2, 1e-3)
     robustness: bool = True
     settings: dict = field(default_factory=dict)
+    independent: bool = True
 
 
 def degrade(rgb: np.ndarray, kind: str) -> np.ndarray:
@@ -126,15 +129,25 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
     thresholds = {j: {far_key(f): table.models[j].threshold(f) for f in config.fars} for j in judges}
     detector = create_detector()
     judge_models = FREnsemble(judges)
+    independent, ind_thresholds = None, {}
+    if config.independent:
+        calibrated = judge_table().models
+        independent = IndependentJudge([j for j in judges if j in calibrated])
+        ind_thresholds = {j: {far_key(f): calibrated[j].threshold(f) for f in config.fars} for j in independent.models}
+        if set(judges) - set(independent.models):
+            log.warning("not judged independently (no threshold through that pipeline): %s",
+                        ", ".join(sorted(set(judges) - set(independent.models))))
 
     ids = pair_ids(Path(config.pairs_dir))[: max(config.n_pairs, config.n_per_target)]
-    sources, references = {}, {}
+    sources, references, ind_references = {}, {}, {}
     for pid in tqdm(ids, desc="loading pairs", disable=not progress):
         src = _load_face(next((Path(config.pairs_dir) / "train").glob(f"{pid}.*")), detector)
         ref = _load_face(next((Path(config.pairs_dir) / "test").glob(f"{pid}.*")), detector)
         if src and ref:
             sources[pid] = src
             references[pid] = _embed(judge_models, ref.rgb, ref.landmarks)
+            if independent is not None:
+                ind_references[pid] = independent.embed(ref.rgb)  # None: the judge finds no face there
     dodge_ids = [p for p in ids[: config.n_pairs] if p in sources]
     imp_ids = [p for p in ids[: config.n_per_target] if p in sources]
 
@@ -145,7 +158,8 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
                 tgt = _load_face(Path(config.targets_dir) / row["target"], detector)
                 test = _load_face(Path(config.targets_dir) / row["test"], detector)
                 if tgt and test:
-                    targets.append((row["target"], tgt, _embed(judge_models, test.rgb, test.landmarks)))
+                    ind_ref = independent.embed(test.rgb) if independent is not None else None
+                    targets.append((row["target"], tgt, _embed(judge_models, test.rgb, test.landmarks), ind_ref))
 
     def success(sims: list[float], judge: str, far: str, impersonation: bool) -> float:
         t = thresholds[judge][far]
@@ -157,15 +171,41 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
     def judge_similarity(j: str, rgb: np.ndarray, landmarks: torch.Tensor, reference: torch.Tensor) -> float:
         return float(_embed(single[j], rgb, landmarks)[j] @ reference)
 
+    def independent_similarity(j: str, rgb: np.ndarray, reference: dict | None) -> float | None | str:
+        """Cosine through the independent pipeline; None: its detector finds no face; "skip": no reference."""
+        if reference is None:
+            return "skip"
+        sims = independent.similarity(rgb, reference, models=[j])
+        return None if sims is None else sims[j]
+
+    def independent_success(values: list, judge: str, far: str, impersonation: bool) -> float | None:
+        values = [v for v in values if v != "skip"]
+        t = ind_thresholds[judge][far]
+        if impersonation:
+            hits = [v is not None and v > t for v in values]
+        else:
+            hits = [v is None or v <= t for v in values]  # a face no detector finds is matched by nothing
+        return float(np.mean(hits)) if hits else None
+
+    def independent_entry(values: list, judge: str, impersonation: bool) -> dict:
+        found = [v for v in values if v not in ("skip", None)]
+        return {"impersonation" if impersonation else "dodging":
+                {far: independent_success(values, judge, far, impersonation) for far in ind_thresholds[judge]},
+                "no_face": sum(v is None for v in values), "judged": sum(v != "skip" for v in values),
+                "mean_similarity": float(np.mean(found)) if found else None}
+
     # The floor: unprotected photos.
-    floor = {"dodging": {}, "impersonation": {}}
+    floor = {"dodging": {}, "impersonation": {}, "independent": {}}
     for j in judges:
         sims = [judge_similarity(j, sources[p].rgb, sources[p].landmarks, references[p][j]) for p in dodge_ids]
         floor["dodging"][j] = {far: success(sims, j, far, False) for far in thresholds[j]}
-        sims = [judge_similarity(j, sources[p].rgb, sources[p].landmarks, t_ref[j]) for _, _, t_ref in targets
+        sims = [judge_similarity(j, sources[p].rgb, sources[p].landmarks, t_ref[j]) for _, _, t_ref, _ in targets
                 for p in imp_ids]
         if sims:
             floor["impersonation"][j] = {far: success(sims, j, far, True) for far in thresholds[j]}
+        if j in ind_thresholds:
+            values = [independent_similarity(j, sources[p].rgb, ind_references[p]) for p in dodge_ids]
+            floor["independent"][j] = independent_entry(values, j, False)
 
     results = {}
     examples = []
@@ -175,7 +215,7 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
         for j in judges:
             surrogates = tuple(m for m in (config.surrogates or table.surrogate_models()) if m != j)
             method = _build(spec, surrogates, config.settings)
-            dodge = {"sims": [], **{k: [] for k in ROBUSTNESS}}
+            dodge = {"sims": [], "independent": [], **{k: [] for k in ROBUSTNESS}}
             for p in tqdm(dodge_ids, desc=f"{spec} dodging, judge {j}", disable=not progress):
                 src = sources[p]
                 image = to_tensor(src.rgb)
@@ -200,17 +240,25 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
             if config.robustness:
                 entry["robustness"] = {k: {far: success(dodge[k], j, far, False) for far in thresholds[j]}
                                        for k in ROBUSTNESS}
+            if j in ind_thresholds:
+                entry["independent"] = independent_entry(dodge["independent"], j, False)
             if targets and imp_ids:
-                per_target = {}
-                for name, tgt, t_ref in targets:
+                per_target, ind_per_target = {}, {}
+                for name, tgt, t_ref, ind_ref in targets:
                     target_emb = {k: v[None] for k, v in _embed(method.ensemble, tgt.rgb, tgt.landmarks).items()}
-                    sims = []
+                    sims, ind_values = [], []
                     for p in tqdm(imp_ids, desc=f"{spec} impersonating {name}, judge {j}", disable=not progress):
                         src = sources[p]
                         out = to_uint8(method.protect(to_tensor(src.rgb), src.landmarks, target_emb).image)
                         sims.append(judge_similarity(j, out, src.landmarks, t_ref[j]))
+                        if j in ind_thresholds:
+                            ind_values.append(independent_similarity(j, out, ind_ref))
                     per_target[name] = {far: success(sims, j, far, True) for far in thresholds[j]}
+                    if j in ind_thresholds:
+                        ind_per_target[name] = independent_entry(ind_values, j, True)
                 entry["impersonation"] = per_target
+                if ind_per_target:
+                    entry["independent_impersonation"] = ind_per_target
             per_judge[j] = entry
         results[spec] = {
             "judges": per_judge,
@@ -222,9 +270,10 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
                    "targets_dir": str(config.targets_dir) if config.targets_dir else None},
         "judges": judges,
         "thresholds": thresholds,
+        "independent": None if independent is None else {"pipeline": independent.name, "thresholds": ind_thresholds},
         "n_dodging": len(dodge_ids),
         "n_impersonation_per_target": len(imp_ids),
-        "targets": [name for name, _, _ in targets],
+        "targets": [name for name, *_ in targets],
         "floor": floor,
         "methods": results,
         "examples": examples,  # arrays: the report embeds them, the JSON writer drops them

@@ -502,6 +502,36 @@ def _robustness_table(result: dict) -> str:
     return f'<div class="scroll"><table class="results">{head1}{head2}{"".join(rows)}</table></div>'
 
 
+def _independent_table(result: dict) -> str:
+    """Dodging PSR per held-out judge, same pipeline beside the independent pipeline, with the floor of each."""
+    info = result.get("independent") or {}
+    judges = [j for j in result["judges"] if j in (info.get("thresholds") or {})]
+    far = _primary_far(_far_keys(result))
+    floor_same, floor_ind = _floor(result, "dodging"), (result.get("floor") or {}).get("independent") or {}
+    head = ('<tr><th rowspan="2" class="left">method</th>'
+            + "".join(f'<th colspan="2">{_esc(j)}</th>' for j in judges) + "<th colspan=\"2\">mean</th></tr><tr>"
+            + "<th>same</th><th>independent</th>" * (len(judges) + 1) + "</tr>")
+
+    def row(name: str, same: dict, ind: dict, css: str = "") -> str:
+        pairs = [(same.get(j, {}).get(far), (ind.get(j) or {}).get("dodging", {}).get(far)) for j in judges]
+        cells = "".join(_psr_cell(a) + _psr_cell(b) for a, b in pairs)
+        cells += _psr_cell(_mean([a for a, _ in pairs]), strong=True) + _psr_cell(_mean([b for _, b in pairs]),
+                                                                                  strong=True)
+        return f'<tr class="{css}"><td class="left">{name}</td>{cells}</tr>'
+
+    rows = [row("<i>unprotected (floor)</i>", floor_same, floor_ind, "floor")]
+    for spec, m in result["methods"].items():
+        same = {j: m["judges"].get(j, {}).get("dodging", {}) for j in judges}
+        ind = {j: m["judges"].get(j, {}).get("independent") for j in judges}
+        rows.append(row(_esc(spec), same, ind))
+    no_face = {spec: sum((m["judges"].get(j, {}).get("independent") or {}).get("no_face", 0) for j in judges)
+               for spec, m in result["methods"].items()}
+    note = "; ".join(f"{_esc(k)}: {v}" for k, v in no_face.items() if v)
+    note = (f'<p class="small">Protected faces the independent detector did not find (counted as dodged): '
+            f'{note}.</p>') if note else ""
+    return f'<table class="results">{head}{"".join(rows)}</table>{note}'
+
+
 def _config_section(result: dict) -> str:
     cfg = result.get("config", {}) or {}
     judges, fars = result["judges"], _far_keys(result)
@@ -624,6 +654,15 @@ def render_html(result: dict) -> str:
         "Image quality is averaged over all protected photos (every judge's run).</p>",
         _summary_table(result),
     ]
+    if (result.get("independent") or {}).get("thresholds"):
+        parts += [
+            "<h2>1b. Judged by a pipeline the protection never used</h2>",
+            f"<p>Dodging PSR at FAR {_far_label(far)}, each held-out judge through the protection's own detector "
+            f"and alignment (<i>same</i>) and through an independent one (<i>independent</i>: "
+            f"{_esc(result['independent'].get('pipeline', ''))}), each with its own calibrated thresholds. The "
+            "independent column is what a face-recognition system outside faceshield would see.</p>",
+            _independent_table(result),
+        ]
     if _has_robustness(result):
         parts += [
             "<h2>2. Robustness</h2>",
@@ -701,6 +740,24 @@ def markdown_tables(result: dict) -> str:
             by_judge = [_mean([_impersonation(m, [j], t, far) for t in targets]) for j in judges]
             out.append(row(spec, [pct(_impersonation(m, judges, t, far)) for t in targets]
                            + [pct(x) for x in by_judge] + [f"**{pct(_mean(by_judge))}**"]))
+
+    ind_judges = [j for j in judges if j in ((result.get("independent") or {}).get("thresholds") or {})]
+    if ind_judges:
+        ind_floor = (result.get("floor") or {}).get("independent") or {}
+
+        def ind(entry: dict | None) -> float | None:
+            return (entry or {}).get("dodging", {}).get(far)
+
+        out += ["", f"Dodging PSR at FAR {_far_label(far)} through the independent judging pipeline "
+                f"({result['independent']['pipeline']}), by held-out judge:", ""]
+        out += head(ind_judges + ["mean", "no face found"])
+        out.append(row("unprotected (floor)", [pct(ind(ind_floor.get(j))) for j in ind_judges]
+                       + [pct(_mean([ind(ind_floor.get(j)) for j in ind_judges])), ""]))
+        for spec, m in methods.items():
+            entries = [m["judges"].get(j, {}).get("independent") for j in ind_judges]
+            out.append(row(spec, [pct(ind(e)) for e in entries] + [f"**{pct(_mean([ind(e) for e in entries]))}**",
+                                                                    str(sum((e or {}).get("no_face", 0)
+                                                                            for e in entries))]))
 
     out += ["", "Quality of the whole protected photo (mean, minimum in brackets; BRISQUE: lower is better) and "
             "seconds per photo:", ""]

@@ -46,18 +46,41 @@ def embed_best_face(path: Path, ensemble: FREnsemble, detector) -> dict[str, tor
 
 
 def verify_photos(image1: Path, image2: Path, models: str = "default", far: float = 1e-2,
-                  detector: str = "retinaface") -> dict:
-    """Per-model cosine similarity, threshold and same/different verdict, and the majority verdict."""
-    table = shipped_table()
-    names = resolve_models(models)
+                  detector: str = "retinaface", pipeline: str = "faceshield") -> dict:
+    """Per-model cosine similarity, threshold and same/different verdict, and the majority verdict.
+
+    ``pipeline="independent"``: faces found and aligned by the independent judging pipeline
+    (:mod:`faceshield.eval.judge`: MTCNN, OpenCV bicubic warp), with that pipeline's thresholds — how a face
+    recognition system outside faceshield would compare the photos.
+    """
+    if pipeline == "independent":
+        from faceshield.eval.judge import IndependentJudge, judge_table
+
+        table = judge_table()
+        names = table.strong_models() if models == "default" else resolve_models(models)
+    else:
+        table = shipped_table()
+        names = resolve_models(models)
     uncalibrated = [n for n in names if n not in table.models]
     if uncalibrated:
-        raise FaceshieldError(f"no calibration for {', '.join(uncalibrated)}; run `faceshield calibrate` first")
-    ensemble = FREnsemble(names)
-    det = create_detector(detector)
-    a, b = embed_best_face(Path(image1), ensemble, det), embed_best_face(Path(image2), ensemble, det)
+        raise FaceshieldError(f"no calibration for {', '.join(uncalibrated)} through the {pipeline} pipeline; run "
+                              f"`faceshield calibrate` first")
+    if pipeline == "independent":
+        judge = IndependentJudge(names)
+        embeddings = []
+        for path in (image1, image2):
+            emb = judge.embed(load_image(path).rgb)
+            if emb is None:
+                raise NoFaceError(f"{path}: the independent pipeline finds no face; use a photo where the face is "
+                                  f"visible and at least 20 px wide")
+            embeddings.append(emb)
+        a, b = embeddings
+    else:
+        ensemble = FREnsemble(names)
+        det = create_detector(detector)
+        a, b = embed_best_face(Path(image1), ensemble, det), embed_best_face(Path(image2), ensemble, det)
     cosines = {name: float(a[name] @ b[name]) for name in names}
-    return {"image1": str(image1), "image2": str(image2), **judge_pair(cosines, table, far)}
+    return {"image1": str(image1), "image2": str(image2), "pipeline": pipeline, **judge_pair(cosines, table, far)}
 
 
 def judge_pair(cosines: dict[str, float], table, far: float = 1e-2) -> dict:
