@@ -27,7 +27,7 @@ PINNED = {
                "surrogates": ()},
     # README, cloak's `mid` (the default).
     "cloak": {"epsilon": 12 / 255, "min_ssim": 0.93, "min_psnr": 35.0, "steps": 40, "margin": 0.5,
-              "texture_floor": 0.75, "eot": True, "surrogates": ()},
+              "texture_floor": 0.75, "eot": True, "random_start": 0.25, "surrogates": ()},
 }
 
 

@@ -145,7 +145,7 @@ def sign_attack(
     mask: torch.Tensor | None = None,
     check_every: int = 0,
     generator: torch.Generator | None = None,
-    random_start: bool = False,
+    random_start: bool | float = False,
     gradient_sigma: float = 0.0,
     constraint: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -161,7 +161,9 @@ def sign_attack(
         transform: applied to the perturbed image before the objective each step (EOT / input diversity).
         mask: ``1×1×h×w`` in [0, 1]; the perturbation is multiplied by it (0 = pixel untouched).
         check_every: every this many steps, stop early once ``objective.succeeded`` on the untransformed image.
-        random_start: start from uniform noise in the budget (Madry et al.'s PGD).
+        random_start: start from uniform noise in the budget (Madry et al.'s PGD); a float in (0, 1] scales that
+            noise (a fraction of the budget). For dodging the start matters: at the original image the cosine to
+            itself is at its maximum, so its gradient is numerical noise (it flips with the thread count).
         gradient_sigma: smooth each gradient with a Gaussian of this σ in pixels before the update
             (translation-invariant attack, Dong et al. 2019): the perturbation stops depending on the exact
             pixel grid of the surrogates' crops, which transfers better to other models and survives resampling.
@@ -177,7 +179,7 @@ def sign_attack(
         budget_t = budget_t * mask
     delta = torch.zeros_like(image)
     if random_start:
-        delta = (torch.rand(image.shape, generator=generator).to(image) * 2 - 1) * budget_t
+        delta = (torch.rand(image.shape, generator=generator).to(image) * 2 - 1) * budget_t * float(random_start)
     velocity = torch.zeros_like(image)
     history: dict[str, list[float]] = {"loss": []}
     done = 0

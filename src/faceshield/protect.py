@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("protected", "weak", "no-face", "failed")
 FAR = 1e-2  # verdicts use each model's calibrated threshold at this false-accept rate
-STRONGER = "try --strength high or more steps (--set steps=N)"
 
 
 @dataclass
@@ -253,7 +252,7 @@ class Protector:
             job.photo, job.out, "weak" if weak else "protected", faces=len(job.landmarks),
             seconds=round(seconds + time.perf_counter() - start, 2), steps=result.steps, similarity=similarity,
             target_similarity=target_similarity, verdicts=verdicts, input_sha256=job.digest,
-            output_sha256=sha256_file(job.out), note=STRONGER if weak else None,
+            output_sha256=sha256_file(job.out), note=self.method.weak_advice if weak else None,
         )
 
 

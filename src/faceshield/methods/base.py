@@ -42,6 +42,8 @@ class ProtectionMethod(ABC):
     goals: ClassVar[tuple[str, ...]] = ()
     # named strength presets: setting overrides on top of Config's defaults
     presets: ClassVar[dict[str, dict]] = {}
+    # what to tell the user when a protected photo is still matched ("weak")
+    weak_advice: ClassVar[str] = "try --strength high or more steps (--set steps=N)"
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from faceshield.adversarial import (
     IdentityObjective, face_region, input_diversity, sign_attack, quality_constraint, texture_budget,
@@ -44,6 +45,14 @@ class CloakConfig(Settings):
         gradient_sigma: Gaussian smoothing (σ, pixels) of each gradient (translation invariance); 0 = off.
         diversity: probability per step of a random rescale (×0.9–1.1) and shift of the input (input
             diversity, Xie et al. 2019); 0 = off.
+        random_start: start from uniform noise of this fraction of the budget (seeded); 0 = from the photo
+            itself, where dodging's gradient is only numerical noise (the cosine of a face to itself is at its
+            maximum), so that the first steps depend on floating-point rounding (thread count).
+        work_eye_px: optimise at the scale where the faces' eyes are this many pixels apart, then upsample the
+            perturbation (bilinear) onto the photo; only faces larger than that are affected; 0 = always at the
+            photo's own resolution. FR systems shrink a large face to ~112 px with their own filter and
+            landmarks: a perturbation made at that scale is smooth at the photo's scale and survives any
+            resampler, where a full-resolution one is partly filtered away (docs/benchmarks.md).
         min_ssim, min_psnr: after each step, scale the perturbation down until the face region (the face and
             one face size around it) keeps at least this SSIM / PSNR (dB) to the original: a perceptual budget
             on top of L∞ (:func:`faceshield.adversarial.quality_constraint`); 0 = off.
@@ -62,6 +71,8 @@ class CloakConfig(Settings):
     eot: bool = True
     gradient_sigma: float = setting(1.0, "[0, 20]")
     diversity: float = setting(0.7, "[0, 1]")
+    random_start: float = setting(0.25, "[0, 1]")
+    work_eye_px: float = setting(0.0, "[0, inf)")
     min_ssim: float = setting(0.93, "[0, 1)")
     min_psnr: float = setting(35.0, "[0, 100]")
     check_every: int = setting(10, "[0, inf)")
@@ -94,8 +105,14 @@ class Cloak(FRAttackMethod):
         cfg = self.config
         # Work on the faces' neighbourhood only: the surrogates never look further, and it keeps big photos cheap.
         region = face_region(tuple(image.shape[-2:]), landmarks)
-        x = region.crop(image).to(cfg.device)
-        lm = region.shift(landmarks.to(image)).to(x)
+        full = region.crop(image).to(cfg.device)
+        lm = region.shift(landmarks.to(image)).to(full)
+        scale = _work_scale(lm, cfg.work_eye_px)
+        x = full
+        if scale < 1:
+            size = [max(16, round(side * scale)) for side in full.shape[-2:]]
+            x = F.interpolate(full, size=size, mode="bilinear", align_corners=False, antialias=True)
+            lm = lm * torch.tensor([size[1] / full.shape[-1], size[0] / full.shape[-2]]).to(lm)
         objective = IdentityObjective(self.ensemble, x, lm, target, self.thresholds or None, cfg.margin)
         mask = face_mask_from_landmarks(lm, tuple(x.shape[-2:]), scale=cfg.mask_scale, softness=0.25)
         mask = mask.amax(dim=0, keepdim=True)
@@ -105,9 +122,20 @@ class Cloak(FRAttackMethod):
             x, objective, budget, cfg.steps, cfg.step_size or cfg.epsilon / 4, momentum=cfg.momentum,
             transform=transform, mask=mask, check_every=cfg.check_every, gradient_sigma=cfg.gradient_sigma,
             constraint=quality_constraint(x, cfg.min_ssim, cfg.min_psnr) if cfg.min_ssim or cfg.min_psnr else None,
-            progress=progress,
+            random_start=cfg.random_start, generator=torch.Generator().manual_seed(cfg.seed + 2), progress=progress,
         )
+        if scale < 1:  # the perturbation, smooth at the photo's scale
+            delta = F.interpolate(out - x, size=list(full.shape[-2:]), mode="bilinear", align_corners=False)
+            out = (full + delta).clamp(0, 1)
         return ProtectionResult(region.paste(image, out.to(image)), steps, history)
+
+
+def _work_scale(landmarks: torch.Tensor, work_eye_px: float) -> float:
+    """Down-scaling factor (≤ 1) that brings the largest face's eye distance to ``work_eye_px`` (0 = off)."""
+    if work_eye_px <= 0:
+        return 1.0
+    eyes = (landmarks[:, 0] - landmarks[:, 1]).norm(dim=-1).max()
+    return min(1.0, work_eye_px / float(eyes))
 
 
 def _transforms(cfg: CloakConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
