@@ -65,9 +65,10 @@ class Plan:
         return self.logs.get(job.out.resolve())
 
 
-def default_output(photo: Path, root: Path | None, out_dir: Path | None) -> Path:
-    """``<name>_protected.<ext>`` beside the photo, or under ``out_dir`` keeping the path relative to ``root``."""
-    name = f"{photo.stem}{SUFFIX}{photo.suffix}"
+def default_output(photo: Path, root: Path | None, out_dir: Path | None, suffix: str = SUFFIX) -> Path:
+    """``<name><suffix>.<ext>`` (``_protected``) beside the photo, or under ``out_dir`` keeping the path relative to
+    ``root``."""
+    name = f"{photo.stem}{suffix}{photo.suffix}"
     if out_dir is None:
         return photo.with_name(name)
     relative = photo.parent.relative_to(root) if root is not None else Path()
@@ -103,7 +104,7 @@ def check_log_path(path: Path) -> None:
 
 
 def plan_jobs(inputs: list[str | Path], out_dir: str | Path | None = None, log_path: str | Path | None = None,
-              overwrite: bool = False) -> Plan:
+              overwrite: bool = False, suffix: str = SUFFIX) -> Plan:
     """Decide every job of a run and check that it can be done, before any work.
 
     Args:
@@ -112,6 +113,7 @@ def plan_jobs(inputs: list[str | Path], out_dir: str | Path | None = None, log_p
         log_path: one run log for the whole run, or None for the default beside the outputs.
         overwrite: never reuse an earlier output (the plan's ``logs`` stay empty); earlier outputs of the same
             photos are replaced, files faceshield did not write still never are.
+        suffix: appended to each output's stem (``_protected``; other commands name theirs, e.g. ``_anonymized``).
 
     Raises:
         InputError: an empty, missing or unsupported input named by the user; an output folder or log that
@@ -146,7 +148,7 @@ def plan_jobs(inputs: list[str | Path], out_dir: str | Path | None = None, log_p
             return log_path
         return (out_dir if out_dir is not None else out.parent) / LOG_NAME
 
-    desired = [(photo, root, default_output(photo, root, out_dir)) for photo, root in named]
+    desired = [(photo, root, default_output(photo, root, out_dir, suffix)) for photo, root in named]
     # the records of every log this run writes to, and of the logs beside every input photo (earlier runs
     # without -o wrote their outputs, and logs, there)
     log_files = {log_for(out) for _, _, out in desired} | {photo.parent / LOG_NAME for photo, _ in named}

@@ -513,6 +513,16 @@ def _register_serve() -> None:
 _register_serve()
 
 
+def _register_privacy() -> None:
+    from faceshield.cli.privacy import anonymize, evaluate_anonymization, hide, recover
+
+    for command in (anonymize, hide, recover, evaluate_anonymization):
+        cli.add_command(command)
+
+
+_register_privacy()
+
+
 def main() -> None:
     cli(prog_name="faceshield")
 

@@ -124,3 +124,44 @@ def save_tiny_stable_diffusion(folder: str | Path, seed: int = 0) -> Path:
         "feature_extractor": [None, None], "requires_safety_checker": False,
     }, indent=2))
     return folder
+
+
+# CompVis/stable-diffusion-v1-4 (its unet/vae/text_encoder config.json): Diff-Privacy's base model, for speed
+# benchmarks with random weights.
+SD14 = Architecture(
+    unet={"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+          "block_out_channels": (320, 640, 1280, 1280),
+          "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+          "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, "cross_attention_dim": 768,
+          "attention_head_dim": 8, "norm_num_groups": 32},
+    vae=SD2_BASE.vae,
+    text_encoder={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                  "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768,
+                  "hidden_act": "quick_gelu"},
+)
+
+# The vision tower of openai/clip-vit-large-patch14 (Diff-Privacy's MSI), and a tiny one with enough layers for the
+# MSI's taps (hidden states 3, 7, 11, 15 and the last).
+CLIP_VIT_L14_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                       "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "projection_dim": 768,
+                       "hidden_act": "quick_gelu"}
+TINY_CLIP_VISION = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 16, "num_attention_heads": 4,
+                    "image_size": 32, "patch_size": 8, "projection_dim": 32}
+
+
+def build_random_clip_vision(config: dict = CLIP_VIT_L14_VISION, seed: int = 0):
+    """A ``CLIPVisionModel`` with ``config`` and random weights, in memory."""
+    require_diffusers()
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    with quiet_libraries():
+        return CLIPVisionModel(CLIPVisionConfig(**config)).eval().requires_grad_(False)
+
+
+def save_tiny_clip_vision(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny CLIP vision tower (:data:`TINY_CLIP_VISION`: 16 layers, 32 px) ``save_pretrained`` to ``folder``; load
+    it back with :func:`faceshield.diffusion.image_conditioning.load_clip_vision` (the users' loading code)."""
+    folder = Path(folder)
+    build_random_clip_vision(TINY_CLIP_VISION, seed).save_pretrained(folder)
+    return folder
