@@ -523,6 +523,16 @@ def _register_privacy() -> None:
 _register_privacy()
 
 
+def _register_apl() -> None:
+    from faceshield.cli.apl import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_register_apl()
+
+
 def main() -> None:
     cli(prog_name="faceshield")
 

@@ -165,3 +165,7 @@ def save_tiny_clip_vision(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     build_random_clip_vision(TINY_CLIP_VISION, seed).save_pretrained(folder)
     return folder
+
+
+# stable-diffusion-v1-5 has the same unet/vae/text_encoder configs as v1-4 (768-d text, 8 heads): APL's base model.
+SD15 = SD14
