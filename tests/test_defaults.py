@@ -25,6 +25,8 @@ PINNED = {
     # TIP-IM's budget with MI-FGSM (μ = 1.0) and input diversity (p = 0.5), 50 steps (README).
     "tip-im": {"epsilon": 8 / 255, "steps": 50, "step_size": 0.0, "momentum": 1.0, "diversity_probability": 0.5,
                "surrogates": ()},
+    # METHODS.md / docs/map.md: protection settings only (the training defaults are pinned below); mask as adv-latent.
+    "map": {"model": "", "pretrained": "", "mask_scale": 1.3, "surrogates": ()},
     # README, cloak's `mid` (the default).
     "cloak": {"epsilon": 12 / 255, "min_ssim": 0.93, "min_psnr": 35.0, "steps": 40, "margin": 0.5,
               "texture_floor": 0.75, "eot": True, "random_start": 0.25, "surrogates": ()},
@@ -75,3 +77,18 @@ def test_protocol_settings_are_the_standard_ones():
     assert config.fars == (1e-2, 1e-3)
     assert config.judges == () and config.surrogates == ()
     assert ROBUSTNESS == ("jpeg75", "resize0.5", "blur1") and config.robustness
+
+
+def test_map_training_defaults_are_diffam_s_where_the_paper_is_silent():
+    """MAP's fine-tuning defaults (docs/map.md): DiffAM's base model, inversion to t0 = 60 in 20 DDIM steps, 6
+    generative steps, 4 epochs of Adam lr 8e-6 at batch 1 on 256² faces; our documented choices for what neither
+    paper gives (loss weights, EMA decay 0.99, PCGrad on)."""
+    from faceshield.methods.map import MAPTrainConfig
+
+    config = MAPTrainConfig()
+    assert dataclasses.asdict(config) == {
+        "pretrained": "google/ddpm-ema-celebahq-256", "expression": "happy", "image_size": 256, "t0": 60,
+        "inversion_steps": 20, "generative_steps": 6, "epochs": 4, "batch_size": 1, "lr": 8e-6,
+        "identity_weight": 1.0, "expression_weight": 1.0, "laplacian_weight": 10.0, "score_weight": 1.0,
+        "projection": "pcgrad", "ema_decay": 0.99, "gradient_checkpointing": False, "checkpoint_every": 50, "seed": 0,
+        "surrogates": (), "device": "cpu"}

@@ -523,6 +523,15 @@ def _register_privacy() -> None:
 _register_privacy()
 
 
+def _register_map() -> None:
+    from faceshield.cli.map import map_group
+
+    cli.add_command(map_group)
+
+
+_register_map()
+
+
 def _register_apl() -> None:
     from faceshield.cli.apl import COMMANDS
 

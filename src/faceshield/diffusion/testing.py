@@ -126,6 +126,14 @@ def save_tiny_stable_diffusion(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def save_tiny_ddpm(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny pixel-space DDPM (``ddpm.TINY_DDPM_ARCHITECTURE``, random weights, DDPM's linear schedule) and
+    ``save_pretrained`` it; load it back with :func:`faceshield.diffusion.ddpm.load_ddpm` (the users' code)."""
+    from faceshield.diffusion.ddpm import TINY_DDPM_ARCHITECTURE, build_random_ddpm, save_ddpm
+
+    return save_ddpm(build_random_ddpm(TINY_DDPM_ARCHITECTURE, dtype="float32", seed=seed), folder)
+
+
 # CompVis/stable-diffusion-v1-4 (its unet/vae/text_encoder config.json): Diff-Privacy's base model, for speed
 # benchmarks with random weights.
 SD14 = Architecture(

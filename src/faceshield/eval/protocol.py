@@ -11,6 +11,13 @@ models (the surrogates) and success is measured on J alone.
 - Robustness: dodging success after JPEG q = 75, a ×0.5 resize and back, and a Gaussian blur σ = 1 applied to
   the protected photo (real encoders: Pillow's libjpeg and resampling).
 - Seconds per photo (wall clock of ``protect``).
+- Expression success rate, for methods that edit the expression (``map``: ``method.expression_success``): share of
+  dodging outputs whose ``emotion`` top-1 is the method's expression (``quality["expression_success"]``).
+- Independent judging (on by default): every judged photo is also judged through
+  :class:`faceshield.eval.judge.IndependentJudge` — MTCNN landmarks and an OpenCV bicubic warp, never the
+  protection's RetinaFace and differentiable alignment — with that pipeline's own thresholds; reported beside the
+  same-pipeline numbers. A protected face the judge's detector cannot find counts as dodged (that FR system matches
+  nothing) and as not impersonated; how often that happens is reported (``no_face``).
 
 Protected photos are quantised to 8 bits (as when saved losslessly) before any measurement.
 """
@@ -226,8 +233,13 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
                 quality["psnr"].append(float(psnr(protected, image)))
                 quality["ssim"].append(float(ssim(protected, image)))
                 quality["brisque"].append(float(brisque(out)))
+                if hasattr(method, "expression_success"):  # expression-editing methods (map): emotion top-1 rate
+                    quality.setdefault("expression_success", []).append(float(method.expression_success(
+                        out, src.landmarks)))
                 sim = judge_similarity(j, out, src.landmarks, references[p][j])
                 dodge["sims"].append(sim)
+                if j in ind_thresholds:
+                    dodge["independent"].append(independent_similarity(j, out, ind_references[p]))
                 if config.robustness:
                     for kind in ROBUSTNESS:
                         dodge[kind].append(judge_similarity(j, degrade(out, kind), src.landmarks, references[p][j]))
