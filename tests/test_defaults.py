@@ -25,6 +25,15 @@ PINNED = {
     # TIP-IM's budget with MI-FGSM (μ = 1.0) and input diversity (p = 0.5), 50 steps (README).
     "tip-im": {"epsilon": 8 / 255, "steps": 50, "step_size": 0.0, "momentum": 1.0, "diversity_probability": 0.5,
                "surrogates": ()},
+    # METHODS.md, ASPL: ε 0.05 and α 0.005 in [-1, 1] (halved for [0, 1] pixels), 50 × (3 surrogate + 6 PGD + 3),
+    # 512², AdamW wd 1e-2, lr 5e-7 for the full surrogate; LoRA surrogate by default (24 GB), docs/anti-customization.md.
+    "aspl": {"epsilon": 0.025, "step_size": 0.0025, "outer_steps": 50, "surrogate_steps": 3, "pgd_steps": 6,
+             "resolution": 512, "surrogate": "lora", "surrogate_lr": 5e-7, "lora_lr": 1e-4, "lora_rank": 4,
+             "weight_decay": 1e-2, "prior_weight": 0.0, "instance_prompt": "a photo of sks person"},
+    # HAA: ASPL's schedule; μ = 1 (MI-FGSM), λ's = 1 and the BRISQUE reward: the paper gives none (our choice).
+    "haa": {"epsilon": 0.025, "step_size": 0.0025, "outer_steps": 50, "surrogate_steps": 3, "pgd_steps": 6,
+            "momentum": 1.0, "denoise_weight": 1.0, "global_weight": 1.0, "local_weight": 1.0,
+            "reward_model": "brisque", "mask_scale": 1.0, "local_size": 128},
     # METHODS.md / docs/map.md: protection settings only (the training defaults are pinned below); mask as adv-latent.
     "map": {"model": "", "pretrained": "", "mask_scale": 1.3, "surrogates": ()},
     # README, cloak's `mid` (the default).

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("protected", "weak", "no-face", "failed")
 FAR = 1e-2  # verdicts use each model's calibrated threshold at this false-accept rate
+SET_NOTE = ("anti-customization set method: 'protected' means perturbed within the L∞ budget together with the "
+            "rest of the set; how well it stops DreamBooth/LoRA is measured by `faceshield attack customize`, "
+            "not per photo (FR models are meant to still recognise the photo itself)")
 
 
 @dataclass
@@ -246,6 +249,11 @@ class Protector:
                     for name in before}
 
         similarity, target_similarity = table(job.before[0], after[0]), table(job.before[1], after[1])
+        if getattr(self.method, "set_method", False):  # anti-customization: FR similarities are informational only
+            return self._record(
+                job.photo, job.out, "protected", faces=len(job.landmarks),
+                seconds=round(seconds + time.perf_counter() - start, 2), steps=result.steps, similarity=similarity,
+                input_sha256=job.digest, output_sha256=sha256_file(job.out), note=SET_NOTE)
         verdicts = face_verdicts(similarity, target_similarity)
         weak = any(v["status"] == "weak" for v in verdicts)
         return self._record(
@@ -347,6 +355,8 @@ def protect_paths(
     from tqdm import tqdm
 
     plan = inputs if isinstance(inputs, Plan) else plan_jobs(list(inputs), out_dir, log_path, overwrite)
+    if getattr(getattr(protector, "method", None), "set_method", False):
+        batch_size = max(len(plan.jobs), 1)  # a set method protects the person's photos together, in one call
     copy_no_face = copy_no_face and plan.out_dir is not None
     records: dict[int, PhotoRecord] = {}  # by plan index: input order at the end, whatever the completion order
 

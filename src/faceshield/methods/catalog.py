@@ -1,3 +1,3 @@
 """Imports every method module so that each registers itself (see :mod:`faceshield.methods.base`)."""
 
-from faceshield.methods import adv_latent, cloak, map, pgd, tipim  # noqa: F401
+from faceshield.methods import adv_latent, cloak, haa, map, pgd, tipim  # noqa: F401
