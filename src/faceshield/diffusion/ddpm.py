@@ -26,7 +26,7 @@ import torch
 
 from faceshield.diffusion.hub import DDPM_CELEBAHQ_ID
 from faceshield.diffusion.loading import (
-    in_hub_cache, load_component, offline, quiet_libraries, require_diffusers, resolve_dtype,
+    in_hub_cache, load_component, offline, quiet_libraries, require_diffusers, resolve_dtype, resolve_source,
 )
 from faceshield.diffusion.schedule import NoiseSchedule
 from faceshield.errors import DiffusionModelError, ShapeError
@@ -184,14 +184,9 @@ def load_ddpm(source: str | Path = DEFAULT_DDPM, device: str | torch.device = "c
     require_diffusers()
     from diffusers import DDPMScheduler, UNet2DModel
 
-    source = str(source)
-    path = Path(source).expanduser()
-    local = path.is_dir()
-    if not local and (path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1):
-        raise DiffusionModelError(f"DDPM folder {source!r} does not exist; {_how_to_provide(source)}")
+    source, local = resolve_source(source, "DDPM", _how_to_provide(str(source)))
     if local:
-        source = str(path)
-        unet_folder, scheduler_folder = _layout(path)
+        unet_folder, scheduler_folder = _layout(Path(source))
     else:
         unet_folder, scheduler_folder = None, None  # google/ddpm-*: UNet and scheduler config at the root
     device = torch.device(device)

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from faceshield.diffusion.hub import CLIP_VIT_L14_ID
-from faceshield.diffusion.loading import StableDiffusion, in_hub_cache, load_component, offline, require_diffusers
+from faceshield.diffusion.loading import (
+    StableDiffusion, in_hub_cache, load_component, offline, require_diffusers, resolve_source,
+)
 from faceshield.errors import DiffusionModelError, ShapeError
 
 log = logging.getLogger(__name__)
@@ -85,15 +87,11 @@ def load_clip_vision(source: str | Path = DEFAULT_CLIP, device: str | torch.devi
     require_diffusers()
     from transformers import CLIPVisionModel
 
-    source = str(source)
-    path = Path(source).expanduser()
     how = (f"download it where there is internet (`hf download {DEFAULT_CLIP} --local-dir clip-vit-l14`) and pass "
            f"--clip-model /path/to/folder")
-    if not path.is_dir() and (path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1):
-        raise DiffusionModelError(f"CLIP vision model folder {source!r} does not exist; {how}")
-    local = path.is_dir()
+    source, local = resolve_source(source, "CLIP vision model", how)
     cached = local or offline() or in_hub_cache(source, None, ("config.json",))
-    model = load_component(CLIPVisionModel.from_pretrained, str(path) if local else source, None,
+    model = load_component(CLIPVisionModel.from_pretrained, source, None,
                            what="CLIP vision model", how=how, local_files_only=cached, dtype=dtype)
     needed = max(t for t in TAPS if t >= 0)
     if model.config.num_hidden_layers < needed:

@@ -193,6 +193,21 @@ def load_component(load, source: str, subfolder: str | None, *, what: str = "Sta
         ) from error
 
 
+def resolve_source(source: str | Path, what: str, how: str) -> tuple[str, bool]:
+    """``(source, local)``: an existing folder (``~`` expanded; ``local`` True) or a hub id ``owner/name``.
+
+    Anything else (a path that is not a folder: absolute, ``./…``, ``~/…``, or not of the form ``owner/name``) is
+    one :class:`DiffusionModelError` line: ``"<what> folder '…' does not exist; <how>"``.
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
+        raise DiffusionModelError(f"{what} folder {source!r} does not exist; {how}")
+    return source, False
+
+
 def load_stable_diffusion(source: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
                           dtype: str | torch.dtype = "auto", revision: str | None = None) -> StableDiffusion:
     """Load a Stable Diffusion 1.x/2.x model by hub id or local folder (diffusers layout), frozen and in eval mode.
@@ -211,17 +226,12 @@ def load_stable_diffusion(source: str | Path = DEFAULT_MODEL, device: str | torc
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = str(source)
-    path = Path(source).expanduser()
-    local = path.is_dir()
-    if not local and (path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1):
-        raise DiffusionModelError(f"Stable Diffusion folder {source!r} does not exist; {_how_to_provide(source)}")
+    source, local = resolve_source(source, "Stable Diffusion", _how_to_provide(str(source)))
     if local:
-        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+        missing = [c for c in COMPONENTS if not (Path(source) / c).is_dir()]
         if missing:
             raise DiffusionModelError(f"{source}: not a diffusers Stable Diffusion folder, missing "
                                       f"{', '.join(missing)}; {_how_to_provide(source)}")
-        source = str(path)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
     # A hub id already in the Hugging Face cache loads without any network request (no update checks).

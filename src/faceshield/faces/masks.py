@@ -274,3 +274,34 @@ def paste_crops(image: Tensor, crops: Tensor, matrices: Tensor, masks: Tensor) -
     for i in range(f):
         out = out * (1.0 - alpha[i : i + 1]) + masks[i : i + 1] * warped[i : i + 1]
     return out
+
+
+def crop_faces(photos: Sequence[tuple[Tensor, Tensor]], template: Tensor, size: int) -> tuple[Tensor, list[Tensor]]:
+    """Every face of every photo aligned to ``template`` (5 points in crop pixels) in ``size``² crops.
+
+    Args:
+        photos: ``[(image 1×3×H×W, landmarks F×5×2), …]``.
+    Returns:
+        ``(crops ΣF×3×size×size, [image→crop matrices F×2×3 per photo])``; anti-aliased, borders replicated.
+    """
+    from faceshield.faces.align import crop_transform, warp_to_crop
+
+    crops, matrices = [], []
+    for image, landmarks in photos:
+        matrices.append(crop_transform(landmarks.to(image), template))
+        crops.append(warp_to_crop(image, matrices[-1], size, padding_mode="border", antialias=True))
+    return torch.cat(crops), matrices
+
+
+def paste_faces(photos: Sequence[tuple[Tensor, Tensor]], faces: Tensor, matrices: Sequence[Tensor],
+                mask_scale: float = 1.0) -> list[Tensor]:
+    """The inverse of :func:`crop_faces`: each photo with its faces (rows of ``faces``, in crop order) pasted back
+    through feathered face ellipses (``mask_scale``, softness 0.25); pixels outside them are untouched."""
+    results, first = [], 0
+    for (image, landmarks), matrix in zip(photos, matrices):
+        count = len(landmarks)
+        masks = face_mask_from_landmarks(landmarks.to(image), tuple(image.shape[-2:]), scale=mask_scale,
+                                         softness=0.25)
+        results.append(paste_crops(image, faces[first:first + count].to(image), matrix, masks))
+        first += count
+    return results

@@ -34,8 +34,8 @@ import torch
 from faceshield.diffusion.loading import DEFAULT_MODEL, StableDiffusion, cached_stable_diffusion
 from faceshield.diffusion.inversion import ddim_invert, denoise, learn_unconditional_embeddings
 from faceshield.errors import FaceshieldError
-from faceshield.faces.align import CELEBAHQ_256, crop_transform, warp_to_crop
-from faceshield.faces.masks import face_mask_from_landmarks, paste_crops
+from faceshield.faces.align import CELEBAHQ_256
+from faceshield.faces.masks import crop_faces, paste_faces
 from faceshield.methods.base import FRAttackMethod, ProtectionResult, check_photo, register_method
 from faceshield.settings import Settings, setting
 
@@ -104,22 +104,12 @@ class AdvLatent(FRAttackMethod):
 
     def protect_many(self, photos, target=None, progress=None) -> list[ProtectionResult]:
         """Every face of every photo in one batch; each result's ``history`` is the batch's (means over faces)."""
-        size = self.config.image_size
-        crops, matrices = [], []
         for image, landmarks in photos:
             check_photo(image, landmarks)
-            matrices.append(crop_transform(landmarks.to(image), self.template))
-            crops.append(warp_to_crop(image, matrices[-1], size, padding_mode="border", antialias=True))
-        faces, steps, history = self.protect_faces(torch.cat(crops), target, progress)
-        results, first = [], 0
-        for (image, landmarks), matrix in zip(photos, matrices):
-            count = len(landmarks)
-            masks = face_mask_from_landmarks(landmarks.to(image), tuple(image.shape[-2:]),
-                                             scale=self.config.mask_scale, softness=0.25)
-            protected = paste_crops(image, faces[first : first + count].to(image), matrix, masks)
-            results.append(ProtectionResult(protected, steps, history))
-            first += count
-        return results
+        crops, matrices = crop_faces(photos, self.template, self.config.image_size)
+        faces, steps, history = self.protect_faces(crops, target, progress)
+        return [ProtectionResult(protected, steps, history)
+                for protected in paste_faces(photos, faces, matrices, self.config.mask_scale)]
 
     def protect_faces(
         self,

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from faceshield.diffusion.hub import DDPM_CELEBAHQ_ID
 from faceshield.errors import FaceshieldError, InputError
 from faceshield.faces.align import CELEBAHQ_256, crop_transform, warp_to_crop
-from faceshield.faces.masks import face_mask_from_landmarks, paste_crops
+from faceshield.faces.masks import crop_faces, paste_faces
 from faceshield.methods.base import FRAttackMethod, ProtectionResult, check_photo, register_method
 from faceshield.models.human_aux import EMOTION_LABELS
 from faceshield.settings import Settings, SettingError, setting
@@ -626,24 +626,14 @@ class MAP(FRAttackMethod):
         """Every face of every photo in one batch through the network :meth:`select` picks for ``target``."""
         folder, settings = self._selected = self.select(target)
         size = int(settings["training"]["image_size"])
-        template = face_template(size)
-        crops, matrices = [], []
         for image, landmarks in photos:
             check_photo(image, landmarks)
-            matrices.append(crop_transform(landmarks.to(image), template))
-            crops.append(warp_to_crop(image, matrices[-1], size, padding_mode="border", antialias=True))
-        faces, history = self.protect_faces(torch.cat(crops), folder, settings)
+        crops, matrices = crop_faces(photos, face_template(size), size)
+        faces, history = self.protect_faces(crops, folder, settings)
         if progress is not None:
             progress(1, 1)
-        results, first = [], 0
-        for (image, landmarks), matrix in zip(photos, matrices):
-            count = len(landmarks)
-            masks = face_mask_from_landmarks(landmarks.to(image), tuple(image.shape[-2:]),
-                                             scale=self.config.mask_scale, softness=0.25)
-            protected = paste_crops(image, faces[first:first + count].to(image), matrix, masks)
-            results.append(ProtectionResult(protected, 0, history))
-            first += count
-        return results
+        return [ProtectionResult(protected, 0, history)
+                for protected in paste_faces(photos, faces, matrices, self.config.mask_scale)]
 
     def protect_faces(self, crops: torch.Tensor, folder: Path, settings: dict
                       ) -> tuple[torch.Tensor, dict[str, list[float]]]:
