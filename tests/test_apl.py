@@ -3,10 +3,13 @@ real FR zoo, the independent judge and real face photos for identity scoring.
 
 Each mechanism has a test that fails when it is removed or reversed (docs/mechanisms.md): the target formula and
 η's sign, the detached target, only-the-prefix-trains, the diffusers file format and multi-vector expansion, the
-identity/general branches, exact resume, and "a failed detection counts as 0"."""
+identity/general branches, exact resume, "a failed detection counts as 0", the CLIP score of each general image
+(tiny CLIP saved and loaded back) and the `make-data --general` folder pairs."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,7 +92,7 @@ def test_loss_and_gradient_match_the_formula_with_a_constant_target(tiny_dir):
     manual = PromptPrefix(prefix.vectors.detach(), prefix.token)  # same values, its own leaf
     eps_p = predict_noise_batch(sd, z, t, manual.encode(sd, [manual.apply(p) for p in private]))
     target = 2 * eps_n - eps_p.detach()
-    assert float(loss.detach()) == pytest.approx(float(((eps_p - target) ** 2).mean()), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(((eps_p.detach() - target) ** 2).mean()), rel=1e-5)
     (expected,) = torch.autograd.grad(eps_p, manual.vectors, grad_outputs=2 * (eps_p - target).detach() / eps_p.numel())
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-9)
     assert got.abs().sum() > 0
@@ -349,3 +352,192 @@ def test_missing_model_and_prefix_are_one_line_errors(tmp_path, tiny_dir):
     assert no_prefix.exit_code == 1 and "not found" in no_prefix.output and len(no_prefix.output.splitlines()) == 1
     bad = runner.invoke(cli, ["apl", "train", str(tmp_path), "-o", str(tmp_path / "p.safetensors"), "--set", "lr=-1"])
     assert bad.exit_code == 2 and "lr=-1" in bad.output
+
+
+# --- CLIP score in evaluate-apl (a tiny CLIP saved and loaded back through the users' code) ------------------
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny ``CLIPModel`` + ``CLIPProcessor`` (character tokenizer, 32 px), ``save_pretrained`` to a folder.
+
+    Random weights give cosines near 0 of either sign, and the score clips negatives to 0, which would hide a wrong
+    image. So the text and image towers share their projection and their final-norm bias: every cosine is then
+    clearly positive and still depends on the image and the caption."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from faceshield.diffusion.testing import _char_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    tokenizer = _char_tokenizer(folder / "tokenizer-source")
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    with torch.no_grad():
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+        shared = 0.4 * torch.randn(32)
+        for norm in (model.text_model.final_layer_norm, model.vision_model.post_layernorm):
+            norm.weight.fill_(0.5)
+            norm.bias.copy_(shared)
+    model.save_pretrained(folder / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder / "clip")
+    return folder / "clip"
+
+
+def _reference_clip_scores(folder, images, captions):
+    """CLIP score by hand: OpenAI's preprocessing of the 8-bit image, the model's projected
+    embeddings, ``100·max(cos, 0)`` (torchmetrics' CLIPScore)."""
+    from PIL import Image
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from faceshield.diffusion.image_conditioning import CLIP_MEAN, CLIP_STD
+    from faceshield.images import to_uint8
+
+    model, tokenizer = CLIPModel.from_pretrained(str(folder)).eval(), CLIPTokenizer.from_pretrained(str(folder))
+    scores = []
+    with torch.no_grad():
+        for image, caption in zip(images, captions):
+            # OpenAI's preprocessing: PIL bicubic to 32 px (the images are square: no crop), OpenAI's mean and std
+            small = np.asarray(Image.fromarray(to_uint8(image)).resize((32, 32), Image.Resampling.BICUBIC)) / 255
+            pixels = (torch.from_numpy(small).float() - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+            img = model.get_image_features(pixel_values=pixels.permute(2, 0, 1)[None])
+            txt = model.get_text_features(**tokenizer([caption], return_tensors="pt"))
+            img, txt = (getattr(x, "pooler_output", x)[0].numpy() for x in (img, txt))
+            cos = float(img @ txt / np.linalg.norm(img) / np.linalg.norm(txt))
+            scores.append(100 * max(cos, 0.0))
+    return scores
+
+
+def test_evaluate_apl_clip_score_is_the_standard_score_of_each_image_and_in_the_report(
+        tiny_dir, tiny_clip, tmp_path, shared_data, monkeypatch):
+    """`evaluate-apl --clip-model`: each general image's CLIP score with and without the prefix equals an
+    independent computation on that image (regenerated here with the same seed) and its caption, the means are in
+    report.json and report.html, negative cosines score 0; a missing CLIP folder is one line, before any FR model."""
+    from faceshield.cli.main import cli
+    from faceshield.diffusion.generation import generate
+    from faceshield.eval.apl import APLEvalConfig, ClipScorer
+
+    runner = CliRunner()
+    captions = ["a red car on a street", "a bowl of fruit"]
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    (tmp_path / "names.txt").write_text("n000050\n")
+    reference = tmp_path / "reference" / "n000050"
+    reference.mkdir(parents=True)
+    shutil.copy(sorted((shared_data / "vggface2-n000050" / "set_B").glob("*.png"))[0], reference / "0.png")
+    prefix_file = PromptPrefix.uniform(10, 32, seed=5).save(tmp_path / "prefix.safetensors")
+    settings = {"steps": 2, "size": 64, "images_per_name": 1}
+    args = ["evaluate-apl", str(prefix_file), "--names", str(tmp_path / "names.txt"), "--reference",
+            str(tmp_path / "reference"), "--captions", str(tmp_path / "captions.txt"), "--diffusion-model",
+            str(tiny_dir), "--quiet", *[x for k, v in settings.items() for x in ("--set", f"{k}={v}")]]
+    done = runner.invoke(cli, [*args, "--clip-model", str(tiny_clip), "-o", str(tmp_path / "report")])
+    assert done.exit_code == 0, done.output
+    general = json.loads((tmp_path / "report" / "report.json").read_text())["models"][str(tiny_dir)]["general"]
+
+    run = APLEvalConfig(**settings)
+    sd = fresh(tiny_dir)
+    prefix = PromptPrefix.load(prefix_file)
+    prefix.install(sd)
+    kw = dict(steps=run.steps, guidance=run.guidance, seed=run.seed, height=run.size, width=run.size)
+    plain = generate(sd, captions, **kw)
+    anonymised = generate(sd, [prefix.apply(c) for c in captions], **kw)
+    expected = {"plain": _reference_clip_scores(tiny_clip, plain, captions),
+                "prefix": _reference_clip_scores(tiny_clip, anonymised, captions)}
+    # the two images of a caption score apart, so a score of the wrong image cannot pass
+    assert all(abs(a - b) > 0.1 for a, b in zip(expected["plain"], expected["prefix"])), expected
+    for key in ("plain", "prefix"):
+        got = [row["clip_score"][key] for row in general["per_prompt"]]
+        assert got == pytest.approx(expected[key], abs=1e-3), (key, got, expected)
+        assert all(s > 1 for s in got)
+        assert general["clip_score"][key] == pytest.approx(float(np.mean(got)), abs=1e-9)
+    assert [row["caption"] for row in general["per_prompt"]] == captions
+    assert "CLIP score without" in (tmp_path / "report" / "report.html").read_text()
+
+    # negative cosines are clipped at 0 (the score's definition), positive ones are not
+    scorer = ClipScorer(str(tiny_clip))
+    assert scorer(plain, captions) == pytest.approx(expected["plain"], abs=1e-3)
+    scorer.model.text_projection.weight.neg_()
+    assert scorer(plain, captions) == [0.0, 0.0]
+
+    def no_fr_models(*args, **kwargs):
+        raise AssertionError("FR models loaded before the CLIP folder was checked")
+
+    monkeypatch.setattr("faceshield.eval.apl.IdentityScorer", no_fr_models)
+    for folder, message in ((tmp_path / "no-clip", "CLIP model folder .* does not exist"),
+                            (tmp_path / "reference", "cannot load CLIP model")):
+        failed = runner.invoke(cli, [*args, "--clip-model", str(folder), "-o", str(tmp_path / "r2")])
+        assert failed.exit_code == 1 and len(failed.output.strip().splitlines()) == 1, failed.output
+        assert re.search(message, failed.output) and "--clip-model" in failed.output, failed.output
+
+
+# --- make-data --general: a user folder of image + caption files -------------------------------------------
+def test_make_data_general_folder_pairs_each_photo_with_its_caption_skips_the_rest_and_resumes(
+        tiny_dir, tmp_path, shared_data):
+    """The general pairs are the folder's photos with the captions beside them (nested folders too, whitespace
+    collapsed), and training reads those photos; an image without a caption, with an empty one, or that is not an
+    image is skipped and named in the output and the manifest; a rerun generates nothing; a folder with no
+    captioned image is one line naming it, before any model loads."""
+    from faceshield.cli.main import cli
+    from faceshield.images import load_image
+    from faceshield.methods.apl import load_training_image
+
+    photos = sorted((shared_data / "celebahq-pairs" / "train").glob("*.png"))[:4]
+    folder = tmp_path / "laion"
+    (folder / "sub").mkdir(parents=True)
+    layout = {"a.png": "a woman smiling at the camera", "sub/b.png": "a man\n   in a park ", "c.png": None,
+              "d.png": "  \n"}
+    for (name, caption), photo in zip(layout.items(), photos):
+        shutil.copy(photo, folder / name)
+        if caption is not None:
+            (folder / name).with_suffix(".txt").write_text(caption)
+    (folder / "e.jpg").write_bytes(b"not an image")
+    (folder / "e.txt").write_text("a broken file")
+    (tmp_path / "names.txt").write_text("Ada Lovelace\n")
+    out = tmp_path / "data"
+    args = ["apl", "make-data", "--names", str(tmp_path / "names.txt"), "--general", str(folder), "-o", str(out),
+            "--diffusion-model", str(tiny_dir), "--set", "images_per_name=1", "--set", "steps=2", "--set", "size=64",
+            "--quiet"]
+    first = runner_invoke(cli, [*args, "--json"])
+    summary = json.loads(first.output)
+    assert summary["generated_now"] == 1 and summary["general_pairs"] == 2
+    skipped = {Path(s["image"]).name: s["reason"] for s in summary["skipped"]}
+    assert skipped.keys() == {"c.png", "d.png", "e.jpg"}
+    assert skipped["c.png"] == "no caption file c.txt" and skipped["d.png"] == "empty caption file d.txt"
+    assert "e.jpg" in skipped["e.jpg"]
+
+    data = APLData.load(out)
+    pairs = {(Path(s.image).relative_to(folder.resolve()).as_posix(), s.private) for s in data.general}
+    assert pairs == {("a.png", "a woman smiling at the camera"), ("sub/b.png", "a man in a park")}
+    assert all(s.private == s.neutral and not s.identity for s in data.general)
+    manifest = json.loads((out / "apl-data.json").read_text())
+    assert [Path(s["image"]).name for s in manifest["skipped"]] == sorted(skipped)
+    # training encodes the folder's own photo for its caption
+    trainer = APLTrainer(config(identity_probability=0.0), data, sd=fresh(tiny_dir))
+    sample = next(s for s in data.general if s.private == "a man in a park")
+    with torch.no_grad():
+        expected = trainer.sd.encode_images(load_training_image(photos[1], 64)).float()
+    assert torch.equal(trainer.latent(sample.image), expected)
+    assert np.array_equal(load_image(sample.image).rgb, load_image(photos[1]).rgb)
+
+    again = runner_invoke(cli, args)  # resumed: nothing generated, the same manifest, the skipped files named
+    assert "(0 generated now)" in again.output and "3 image(s) of --general skipped (c.png: no caption file" \
+        in again.output
+    assert json.loads((out / "apl-data.json").read_text()) == manifest
+
+    empty = tmp_path / "uncaptioned"
+    empty.mkdir()
+    shutil.copy(photos[0], empty / "x.png")
+    failed = CliRunner().invoke(cli, ["apl", "make-data", "--names", str(tmp_path / "names.txt"), "--general",
+                                      str(empty), "-o", str(tmp_path / "d2"), "--diffusion-model",
+                                      str(tmp_path / "no-model")])
+    assert failed.exit_code == 1 and len(failed.output.strip().splitlines()) == 1, failed.output
+    assert str(empty) in failed.output and "no image with a caption among 1 image(s)" in failed.output
+
+
+def runner_invoke(cli, args):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return result

@@ -59,7 +59,8 @@ def apl() -> None:
 @click.option("--captions", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="General prompts, one per line: the base model renders one image per line.")
 @click.option("--general", "general_folder", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Folder of general images, each with its caption in a .txt file of the same name.")
+              help="Folder of general images, each with its caption in a .txt file of the same name (cat.jpg → "
+              "cat.txt); images without one are skipped and listed.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Data folder (images and apl-data.json); a rerun resumes.")
 @_MODEL
@@ -78,9 +79,15 @@ def make_data_cmd(names, captions, general_folder, output, diffusion_model, devi
     manifest = make_data(output, names, captions, general_folder, config, progress=_progress("images", quiet))
     summary = {"output": str(output), "names": len(manifest["identities"]),
                "identity_images": sum(len(p["images"]) for p in manifest["identities"]),
-               "general_pairs": len(manifest["general"]), "generated_now": manifest["generated"]}
+               "general_pairs": len(manifest["general"]), "generated_now": manifest["generated"],
+               "skipped": manifest["skipped"]}
     human = (f"{output}: {summary['identity_images']} identity images of {summary['names']} name(s), "
              f"{summary['general_pairs']} general pairs ({summary['generated_now']} generated now)")
+    if manifest["skipped"]:
+        first = manifest["skipped"][0]
+        human += (f"; {len(manifest['skipped'])} image(s) of --general skipped ({Path(first['image']).name}: "
+                  f"{first['reason']}{', …' if len(manifest['skipped']) > 1 else ''}; all in "
+                  f"{output / 'apl-data.json'})")
     click.echo(json.dumps(summary, indent=2) if as_json else human)
 
 

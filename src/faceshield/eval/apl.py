@@ -12,7 +12,8 @@ threshold at FAR 1e-2.
 Preservation on general prompts: the same seed with and without the prefix; per image the relative change of the
 predicted noise ``‖ε(z_t, prefix+c) − ε(z_t, c)‖ / ‖ε(z_t, c)‖`` at four noise levels of the no-prefix image's own
 latent, and the pixel change of the final image (mean |Δ| and PSNR); the same numbers for the identity prompts
-show the contrast. CLIP score (``100·max(cos, 0)``) when CLIP weights are given. Plug-and-play: everything again
+show the contrast. CLIP score (``100·max(cos, 0)``, torchmetrics' convention) of each general image, with and
+without the prefix, against its caption when CLIP weights are given. Plug-and-play: everything again
 on a second SD 1.x model with the same prefix file. Output: ``report.json``, ``report.html`` with image grids,
 and the grids as PNG files.
 """
@@ -39,6 +40,7 @@ from faceshield.settings import Settings, setting
 log = logging.getLogger(__name__)
 
 NOISE_TIMESTEPS = (999, 749, 499, 249)  # noise levels of the preservation measurement (spread over the schedule)
+CLIP_SCORE_MODEL = "openai/clip-vit-large-patch14"  # torchmetrics' CLIPScore default (the advice in errors)
 
 
 class ReferencePhotoError(FaceshieldError):
@@ -203,29 +205,54 @@ def pixel_change(a: torch.Tensor, b: torch.Tensor) -> list[dict]:
 
 
 class ClipScorer:
-    """CLIP score ``100·max(cos(image, text), 0)`` with a transformers CLIP model (folder or hub id)."""
+    """CLIP score of images against their captions with a transformers CLIP model (local folder or hub id).
+
+    The score is ``100·max(cos(E_image, E_text), 0)`` with ``E`` CLIP's projected image and text embeddings: the
+    convention of torchmetrics' ``CLIPScore`` (whose default model is ``openai/clip-vit-large-patch14``); Hessel et
+    al.'s CLIP-S is the same cosine with weight 2.5 instead of 100. The folder holds a ``CLIPModel``, its tokenizer
+    and ``preprocessor_config.json``, as ``save_pretrained`` of the model and its ``CLIPProcessor`` write them.
+
+    Raises:
+        DiffusionModelError: one line naming the folder and how to provide it (missing folder, no weights, no
+            processor files).
+    """
 
     def __init__(self, source: str, device: str = "cpu"):
-        from transformers import CLIPModel, CLIPProcessor
+        from faceshield.diffusion.loading import load_component, offline, require_diffusers, resolve_source
 
-        from faceshield.diffusion.loading import load_component
+        require_diffusers()
+        import transformers
 
-        how = "pass --clip-model a local folder with a transformers CLIP model (config.json, weights, processor)"
-        self.model = load_component(CLIPModel.from_pretrained, source, None, what="CLIP model", how=how).to(device)
-        self.model.eval().requires_grad_(False)
-        self.processor = load_component(CLIPProcessor.from_pretrained, source, None, what="CLIP processor", how=how)
+        how = (f"download one where there is internet (`hf download {CLIP_SCORE_MODEL} --local-dir clip`) and pass "
+               "--clip-model /path/to/folder (transformers layout: config.json, weights, tokenizer and "
+               "preprocessor_config.json)")
+        source, local = resolve_source(source, "CLIP model", how)
+        hub = {"local_files_only": local or offline()}
+        self.model = load_component(transformers.CLIPModel.from_pretrained, source, None, what="CLIP model", how=how,
+                                    **hub)
+        self.model.to(device).eval().requires_grad_(False)
+        self.tokenizer = load_component(transformers.AutoTokenizer.from_pretrained, source, None,
+                                        what="CLIP tokenizer", how=how, **hub)
+        # OpenAI's preprocessing (PIL bicubic on the 8-bit image) whether or not torchvision is installed: transformers
+        # 5 would otherwise pick its torchvision backend when present, whose resize gives other pixels and scores.
+        pil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+        self.image_processor = load_component(pil.from_pretrained, source, None, what="CLIP image processor",
+                                              how=how, **hub)
         self.device = device
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, texts: Sequence[str]) -> list[float]:
+        """Per pair: the CLIP score of ``images[i]`` (``B×3×H×W`` float RGB in [0, 1]) and ``texts[i]``."""
         from faceshield.images import to_uint8
 
         pixels = [to_uint8(im) for im in images]
-        batch = self.processor(text=list(texts), images=pixels, return_tensors="pt", padding=True, truncation=True)
+        batch = {**self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True),
+                 **self.image_processor(images=pixels, return_tensors="pt")}
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)  # a half-precision checkpoint
         out = self.model(**batch)
-        img = torch.nn.functional.normalize(out.image_embeds, dim=-1)
-        txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
+        img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
+        txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
         return (100 * (img * txt).sum(-1).clamp_min(0)).cpu().tolist()
 
 
@@ -289,11 +316,14 @@ def evaluate_model(sd, prefix, people: list[tuple[str, str]], references: dict, 
         anonymised = generate(sd, [prefix.apply(c) for c in captions], **run)
         noise = noise_change(sd, prefix, captions, plain, config.seed)
         pixels = pixel_change(plain, anonymised)
-        general = {"per_prompt": [{"caption": c, "noise_change": e, **p} for c, e, p in zip(captions, noise, pixels)],
-                   "noise_change": float(np.mean(noise)),
+        per_prompt = [{"caption": c, "noise_change": e, **p} for c, e, p in zip(captions, noise, pixels)]
+        general = {"per_prompt": per_prompt, "noise_change": float(np.mean(noise)),
                    "pixel_mean_abs": float(np.mean([p["mean_abs"] for p in pixels]))}
         if clip is not None:
+            # both images against the caption alone: the prefix must not change how well the image fits the text
             before, after = clip(plain, captions), clip(anonymised, captions)
+            for row, b, a in zip(per_prompt, before, after):
+                row["clip_score"] = {"plain": b, "prefix": a}
             general["clip_score"] = {"plain": float(np.mean(before)), "prefix": float(np.mean(after))}
         result["general"] = general
         grids["general"] = _grid([(plain, anonymised)])
@@ -316,9 +346,9 @@ def evaluate_apl(prefix_path: str | Path, names: str | Path, reference_dir: str 
     people = parse_names(names)
     caption_list = _read_lines(captions, "captions file") if captions else []
     photos = {name: reference_photos(reference_dir, name) for name, _ in people}
+    clip = ClipScorer(config.clip_model, config.device) if config.clip_model else None  # before the FR models
     scorer = IdentityScorer(config.fr_models, config.judge_models, config.device)
     references = {name: scorer.reference([load_image(p).rgb for p in files], name) for name, files in photos.items()}
-    clip = ClipScorer(config.clip_model, config.device) if config.clip_model else None
     models = [config.diffusion_model] + ([config.second_model] if config.second_model else [])
     result: dict = {"config": asdict(config), "prefix": str(prefix_path), "token": prefix.token,
                     "names": [n for n, _ in people], "reference_photos": {k: [str(p) for p in v]
