@@ -2,7 +2,8 @@
 
 Each mechanism has a test that fails when it is removed or reversed (table: docs/mechanisms.md): the PCGrad
 projection, the EMA, the Laplacian, the score-matching term, L_A and L_E (measured with the real models), the DDIM
-inversion/sampling, the face-mask paste-back, the network choice per target, one-line loading errors.
+inversion/sampling, the face-mask paste-back, the network choice per target, one-line loading errors; and the standard
+evaluation of the 4 targets end to end (one network per target, trained on faces the protocol does not evaluate).
 """
 
 import dataclasses
@@ -421,3 +422,110 @@ def test_cli_protects_a_batch_and_evaluate_reports_the_expression_success(traine
                                  independent=False, settings={"model": str(trained)}), progress=False)
     quality = report["methods"]["map"]["quality"]
     assert quality["expression_success"] in (0.0, 0.5, 1.0) and quality["psnr"] > 15
+
+
+# ------------------------------------------------------------------ evaluation: the 4 standard targets, end to end
+
+JUDGES = (FR, "mobilefacenet")  # the held-out judges, in turn
+NET_FR = "faceplugin-mobilefacenet"  # the target networks' only surrogate: a model no judge is, so black-box for both
+
+
+@pytest.fixture(scope="module")
+def target_networks(tiny_dir, tmp_path_factory, shared_data):
+    """One network per standard target (``targets/target/*.jpg``), trained with `train_map` on 2 celebahq-pairs faces
+    far beyond the evaluated ids, and a dodging network trained with the judge ``FR`` among its surrogates (white-box
+    for that judge), all in one folder. One step each (batch 2, 4 inversion / 2 generative steps): plumbing only."""
+    from faceshield.eval.calibration import pair_ids as protocol_ids
+    from faceshield.methods.map import train_map
+
+    root = tmp_path_factory.mktemp("target-nets")
+    faces = root / "faces"
+    faces.mkdir()
+    for pid in protocol_ids(PAIRS)[-2:]:  # the protocol evaluates the first ids
+        shutil.copy(PAIRS / "train" / f"{pid}.png", faces / f"{pid}.png")
+    config = MAPTrainConfig(pretrained=str(tiny_dir), image_size=SIZE, inversion_steps=4, generative_steps=2,
+                            epochs=1, batch_size=2, lr=1e-3, ema_decay=0, surrogates=(NET_FR,))
+    nets = root / "nets"
+    for photo in sorted((DATA / "targets" / "target").glob("*.jpg")):
+        train_map(config, faces, photo, nets / f"happy-{photo.stem}")
+    whitebox = dataclasses.replace(config, surrogates=(FR, NET_FR))
+    train_map(whitebox, faces, None, nets / f"dodging-{FR}")
+    return nets, faces
+
+
+def test_evaluate_impersonates_the_four_standard_targets_each_with_its_own_black_box_network(
+        target_networks, monkeypatch, shared_data):
+    """The standard protocol on ``model=`` a folder of networks, end to end, with both judges held out in turn and the
+    independent pipeline on: the impersonation tables (zoo and independent) hold the 4 standard targets for each
+    judge; each impersonation was sampled with the network trained for the requested target; the network trained
+    with a judge among its surrogates never protects for that judge (and does for the other); the expression
+    success rate is reported; no evaluated face was in any network's training set. The networks are trained one
+    step each: this is about the plumbing, not the protection rate."""
+    from faceshield.eval.calibration import pair_ids as protocol_ids
+    from faceshield.eval.protocol import EvalConfig, evaluate
+    from faceshield.fileio import sha256_file
+
+    nets, faces = target_networks
+    names = [f"target/{p.name}" for p in sorted((DATA / "targets" / "target").glob("*.jpg"))]
+    detector, net_fr = create_detector(), FREnsemble([NET_FR])
+    own = {}  # each target photo's embedding, computed here: which target each protection asked for
+    for name in names:
+        rgb = load_image(DATA / "targets" / name).rgb
+        own[name] = net_fr.embed(to_tensor(rgb), best_face_landmarks(rgb, detector))[NET_FR][0]
+
+    calls = []
+    protect_many, protect_faces = MAP.protect_many, MAP.protect_faces
+
+    def spy_many(self, photos, target=None, progress=None):
+        held_out = set(JUDGES) - set(self.ensemble.names)
+        assert len(held_out) == 1, f"not leave-one-out: surrogates {self.ensemble.names}"
+        judge, = held_out
+        asked = None if target is None else max(own, key=lambda n: float(own[n] @ target[NET_FR][0]))
+        calls.append({"judge": judge, "target": asked, "photos": [p[0].clone() for p in photos]})
+        if asked is not None:
+            assert float(own[asked] @ target[NET_FR][0]) > 0.99
+        return protect_many(self, photos, target, progress)
+
+    def spy_faces(self, crops, folder, settings):
+        calls[-1]["network"] = json.loads((folder / "map.json").read_text())
+        calls[-1]["folder"] = folder
+        return protect_faces(self, crops, folder, settings)
+
+    monkeypatch.setattr(MAP, "protect_many", spy_many)
+    monkeypatch.setattr(MAP, "protect_faces", spy_faces)
+    config = EvalConfig(methods=("map",), pairs_dir=PAIRS, targets_dir=DATA / "targets", n_pairs=1, n_per_target=1,
+                        judges=JUDGES, surrogates=(*JUDGES, NET_FR), settings={"model": str(nets)})
+    report = evaluate(config, progress=False)
+
+    assert report["targets"] == names and report["n_impersonation_per_target"] == 1
+    result = report["methods"]["map"]
+    for judge in JUDGES:
+        entry = result["judges"][judge]
+        assert list(entry["impersonation"]) == names, (judge, entry)
+        assert list(entry["independent_impersonation"]) == names
+        for name in names:  # one source per target: each rate is 0 or 1, at every FAR, in both pipelines
+            independent = entry["independent_impersonation"][name]
+            assert independent["judged"] == 1
+            for rates in (entry["impersonation"][name], independent["impersonation"]):
+                assert set(rates) == set(report["thresholds"][judge]) and set(rates.values()) <= {0.0, 1.0}
+        asked = [c for c in calls if c["judge"] == judge and c["target"] is not None]
+        assert sorted(c["target"] for c in asked) == names  # each target once per judge
+        for call in asked:  # sampled with the network trained for the requested target
+            assert f"target/{call['network']['target']['photo']}" == call["target"], call["folder"]
+    assert len(calls) == 2 * (1 + len(names))
+    for call in calls:  # never the white-box network for the judge it was trained with
+        assert call["judge"] not in call["network"]["surrogates"], (call["judge"], call["folder"])
+    other = next(c for c in calls if c["judge"] == JUDGES[1] and c["target"] is None)
+    assert other["folder"].name == f"dodging-{FR}"  # black-box for the other judge: used there
+
+    assert 0 <= result["quality"]["expression_success"] <= 1
+
+    evaluated = protocol_ids(PAIRS)[:1]
+    photo = to_tensor(load_image(PAIRS / "train" / f"{evaluated[0]}.png").rgb)
+    assert all(torch.equal(p, photo) for c in calls for p in c["photos"])  # what the protocol protected
+    seen = {sha256_file(PAIRS / part / f"{pid}.png") for pid in evaluated for part in ("train", "test")}
+    trained_on = {c["folder"]: c["network"]["faces"] for c in calls}
+    assert len(trained_on) == 1 + len(names)
+    for folder, files in trained_on.items():
+        assert files and not {f.rsplit(".", 1)[0] for f in files} & set(evaluated), folder
+        assert not {sha256_file(faces / f) for f in files} & seen, folder
