@@ -47,6 +47,14 @@ class LeaveOneOutSpy:
 
         monkeypatch.setattr(protocol, "_build", spy_build)
         monkeypatch.setattr(protocol, "_embed", spy_embed)
+        self.independent: list[tuple[tuple[str, ...], str]] = []  # (models, photo) the independent judge scored
+        similarity = protocol.IndependentJudge.similarity
+
+        def spy_similarity(judge, rgb, reference, models=None):
+            self.independent.append((tuple(models or judge.models), self.key(rgb)))
+            return similarity(judge, rgb, reference, models)
+
+        monkeypatch.setattr(protocol.IndependentJudge, "similarity", spy_similarity)
 
     @staticmethod
     def key(rgb: np.ndarray) -> str:
@@ -82,11 +90,19 @@ def test_leave_one_out_results_are_complete(result):
     assert result["floor"]["dodging"]["dlib-resnet"]["0.01"] == 0.0
 
 
-def test_every_protected_photo_is_also_judged_by_the_independent_pipeline(result):
+def test_every_protected_photo_is_also_judged_by_the_independent_pipeline(spied):
     """Judged a second time through MTCNN + an OpenCV bicubic warp with that pipeline's own thresholds, beside the
-    same-pipeline numbers: every protected photo (dodging and each target), and the unprotected floor."""
+    same-pipeline numbers: every protected photo (dodging and each target) by its held-out judge alone, and the
+    unprotected floor."""
     from faceshield.eval.judge import judge_table
 
+    result, spy = spied
+    protected = {key for _, key in spy.independent if key in spy.producers}
+    assert protected == set(spy.producers)  # every photo a method protected, and the protected photo itself
+    for models, key in spy.independent:
+        if key in spy.producers:
+            (judge,) = models
+            assert all(judge not in surrogates for surrogates, _, _ in spy.producers[key])
     info = result["independent"]
     assert "warpAffine bicubic" in info["pipeline"]
     for judge in JUDGES:
