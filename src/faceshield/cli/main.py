@@ -63,7 +63,7 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="faceshield")
 def cli(verbose: int) -> None:
-    """Protect faces in photos from face recognition, and measure how well it works."""
+    """Protect faces in photos from face recognition and from diffusion models, and measure how well it works."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
