@@ -44,6 +44,9 @@ class ProtectionMethod(ABC):
     presets: ClassVar[dict[str, dict]] = {}
     # what to tell the user when a protected photo is still matched ("weak")
     weak_advice: ClassVar[str] = "try --strength high or more steps (--set steps=N)"
+    # a set method (haa, aspl) protects all photos of a run together, in one protect_many call; its verdict is the
+    # budget, not FR (faceshield.protect.SET_NOTE)
+    set_method: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
