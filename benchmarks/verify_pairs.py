@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from faceshield.eval.calibration import embed_pair_set, shipped_table
+from faceshield.eval.calibration import embed_pair_set, face_embedder, shipped_table
 from faceshield.eval.verify import judge_pair, resolve_models
 from faceshield.faces.detect import create_detector
 from faceshield.models.ensemble import FREnsemble
@@ -22,7 +22,8 @@ def main() -> None:
     args = parser.parse_args()
     table = shipped_table()
     names = resolve_models(args.models)
-    ids, emb, missing = embed_pair_set(args.pairs, FREnsemble(names), create_detector(), progress=True)
+    ids, emb, missing = embed_pair_set(args.pairs, face_embedder(FREnsemble(names), create_detector()),
+                                       progress=True)
     n = len(ids)
     same = sum(judge_pair({m: float(emb[m][0][i] @ emb[m][1][i]) for m in names}, table, args.far)["verdict"]
                == "same person" for i in range(n))

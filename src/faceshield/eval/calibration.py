@@ -15,6 +15,7 @@ import logging
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -140,41 +141,76 @@ def pair_ids(pairs_dir: Path) -> list[str]:
     return sorted(ids, key=lambda s: (len(s), s))
 
 
+Embedder = Callable[[np.ndarray], "dict[str, np.ndarray] | None"]
+
+
+def face_embedder(ensemble, detector) -> Embedder:
+    """``embed(rgb)``: ``{model: D}`` embeddings of the photo's best face through faceshield's own pipeline
+    (``detector`` landmarks, differentiable alignment, every model of ``ensemble``), or None without a face."""
+    from faceshield.faces.detect import best_face_landmarks
+    from faceshield.images import to_tensor
+
+    def embed(rgb: np.ndarray) -> dict[str, np.ndarray] | None:
+        landmarks = best_face_landmarks(rgb, detector)
+        if landmarks is None:
+            return None
+        return {name: e[0].numpy() for name, e in ensemble.embed(to_tensor(rgb), landmarks).items()}
+
+    return embed
+
+
 def embed_pair_set(
-    pairs_dir: Path, ensemble, detector, ids: list[str] | None = None, progress: bool = False
+    pairs_dir: Path, embed: Embedder, ids: list[str] | None = None, progress: bool = False
 ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Embed the best face of ``train/N`` and ``test/N`` for every pair id with every model of ``ensemble``.
+    """Embed ``train/N`` and ``test/N`` for every pair id with ``embed`` (e.g. :func:`face_embedder`).
 
     Returns the ids kept, ``{model: (train N×D, test N×D)}`` and the files where no face was found.
     """
     from tqdm import tqdm
 
-    from faceshield.faces.detect import best_face_landmarks
-    from faceshield.images import load_image, to_tensor
+    from faceshield.images import load_image
 
     pairs_dir = Path(pairs_dir)
     if ids is None:
         ids = pair_ids(pairs_dir)
     kept, missing = [], []
-    rows: dict[str, dict[str, list[np.ndarray]]] = {n: {"train": [], "test": []} for n in ensemble.names}
+    rows: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for pid in tqdm(ids, desc="pairs", unit="pair", disable=not progress):
-        per_split = {}
+        pair = []
         for split in ("train", "test"):
             path = next((pairs_dir / split).glob(f"{pid}.*"))
-            photo = load_image(path)
-            landmarks = best_face_landmarks(photo.rgb, detector)
-            if landmarks is None:
+            embeddings = embed(load_image(path).rgb)
+            if embeddings is None:
                 missing.append(str(path))
                 break
-            per_split[split] = ensemble.embed(to_tensor(photo.rgb), landmarks)
-        if len(per_split) < 2:
+            pair.append(embeddings)
+        if len(pair) < 2:
             continue
         kept.append(pid)
-        for name in ensemble.names:
-            for split in ("train", "test"):
-                rows[name][split].append(per_split[split][name][0].numpy())
-    embeddings = {n: (np.stack(r["train"]), np.stack(r["test"])) for n, r in rows.items() if r["train"]}
-    return kept, embeddings, missing
+        for name in pair[0]:
+            train, test = rows.setdefault(name, ([], []))
+            train.append(pair[0][name])
+            test.append(pair[1][name])
+    return kept, {n: (np.stack(train), np.stack(test)) for n, (train, test) in rows.items()}, missing
+
+
+def calibrate_pair_set(pairs_dir: Path, embed: Embedder, ids: list[str], fars=FARS, progress: bool = False,
+                       **meta) -> CalibrationTable:
+    """AUC, thresholds and TAR of every model ``embed`` returns, on ``ids`` of a pairs folder; ``meta`` (detector,
+    command, pipeline…) is recorded in the table with the data used."""
+    from faceshield import __version__
+    from faceshield.errors import FaceshieldError
+
+    kept, embeddings, missing = embed_pair_set(pairs_dir, embed, ids, progress)
+    if len(kept) < 2:
+        raise FaceshieldError(f"{pairs_dir}: faces found in fewer than 2 pairs; is it a train/ + test/ pairs folder?")
+    models = {}
+    for name, (train, test) in embeddings.items():
+        genuine, impostor = pair_scores(train, test)
+        models[name] = calibrate_scores(name, genuine, impostor, tuple(fars))
+        log.info("%s: AUC %.4f", name, models[name].auc)
+    return CalibrationTable(models, {"pairs": Path(pairs_dir).name, "n_pairs": len(kept), "no_face": missing, **meta,
+                                     "faceshield": __version__, "weak_if_auc_below": WEAK_AUC})
 
 
 def run_calibration(
@@ -182,31 +218,11 @@ def run_calibration(
     progress: bool = False, command: str = "",
 ) -> CalibrationTable:
     """Calibrate ``model_names`` on a pairs folder (``train/N`` vs ``test/N``); ``limit`` takes the first pairs."""
-    from faceshield import __version__
     from faceshield.faces.detect import create_detector
     from faceshield.models.ensemble import FREnsemble
 
     pairs_dir = Path(pairs_dir)
     ids = sorted(p.stem for p in (pairs_dir / "train").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     ids = ids[:limit] if limit else ids
-    ensemble = FREnsemble(model_names)
-    kept, embeddings, missing = embed_pair_set(pairs_dir, ensemble, create_detector(detector_name), ids, progress)
-    if len(kept) < 2:
-        from faceshield.errors import FaceshieldError
-
-        raise FaceshieldError(f"{pairs_dir}: faces found in fewer than 2 pairs; is it a train/ + test/ pairs folder?")
-    models = {}
-    for name, (train, test) in embeddings.items():
-        genuine, impostor = pair_scores(train, test)
-        models[name] = calibrate_scores(name, genuine, impostor)
-        log.info("%s: AUC %.4f", name, models[name].auc)
-    meta = {
-        "pairs": pairs_dir.name,
-        "n_pairs": len(kept),
-        "no_face": missing,
-        "detector": detector_name,
-        "faceshield": __version__,
-        "command": command,
-        "weak_if_auc_below": WEAK_AUC,
-    }
-    return CalibrationTable(models, meta)
+    embed = face_embedder(FREnsemble(model_names), create_detector(detector_name))
+    return calibrate_pair_set(pairs_dir, embed, ids, progress=progress, detector=detector_name, command=command)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from faceshield.errors import FaceshieldError
-from faceshield.eval.calibration import FARS, CalibrationTable, calibrate_scores, far_key, pair_ids, pair_scores
+from faceshield.eval.calibration import FARS, CalibrationTable, calibrate_pair_set, pair_ids
 
 log = logging.getLogger(__name__)
 
@@ -134,41 +134,7 @@ class IndependentJudge:
 def calibrate_judge(pairs_dir: Path, models: Sequence[str], detector: str = "mtcnn", limit: int | None = None,
                     fars: Sequence[float] = FARS, progress: bool = False, command: str = "") -> CalibrationTable:
     """Genuine/impostor scores of ``models`` through the independent pipeline on a pairs folder → thresholds."""
-    from tqdm import tqdm
-
-    from faceshield import __version__
-    from faceshield.images import load_image
-
     judge = IndependentJudge(models, detector)
     ids = pair_ids(Path(pairs_dir))
-    ids = ids[:limit] if limit else ids
-    rows = {m: ([], []) for m in judge.models}
-    kept, missing = [], []
-    for pid in tqdm(ids, desc="pairs", unit="pair", disable=not progress):
-        pair = []
-        for split in ("train", "test"):
-            path = next((Path(pairs_dir) / split).glob(f"{pid}.*"))
-            emb = judge.embed(load_image(path).rgb)
-            if emb is None:
-                missing.append(str(path))
-                break
-            pair.append(emb)
-        if len(pair) == 2:
-            kept.append(pid)
-            for m in judge.models:
-                rows[m][0].append(pair[0][m])
-                rows[m][1].append(pair[1][m])
-    if len(kept) < 2:
-        raise FaceshieldError(f"{pairs_dir}: faces found in fewer than 2 pairs; is it a train/ + test/ pairs folder?")
-    calibrations = {}
-    for m, (train, test) in rows.items():
-        genuine, impostor = pair_scores(np.stack(train), np.stack(test))
-        calibrations[m] = calibrate_scores(m, genuine, impostor, tuple(fars))
-        log.info("%s through the independent pipeline: AUC %.4f, threshold@1e-2 %.4f", m, calibrations[m].auc,
-                 calibrations[m].thresholds[far_key(1e-2)])
-    from faceshield.eval.calibration import WEAK_AUC
-
-    meta = {"pairs": Path(pairs_dir).name, "n_pairs": len(kept), "no_face": missing,
-            "pipeline": PIPELINE.format(detector=detector), "detector": detector, "faceshield": __version__,
-            "command": command, "weak_if_auc_below": WEAK_AUC}
-    return CalibrationTable(calibrations, meta)
+    return calibrate_pair_set(pairs_dir, judge.embed, ids[:limit] if limit else ids, fars, progress,
+                              pipeline=judge.name, detector=detector, command=command)
