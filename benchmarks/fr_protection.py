@@ -42,7 +42,7 @@ def main() -> None:
             logging.info("%s: already evaluated in %s", spec, folder)
             continue
         config = EvalConfig(methods=(spec,), pairs_dir=args.pairs, targets_dir=args.targets, n_pairs=args.n_pairs,
-                            n_per_target=args.n_per_target)
+                            n_per_target=args.n_per_target, cache_dir=args.output / "protected")
         write_report(evaluate(config), folder)
     runs = [json.loads(p.read_text()) for p in sorted(args.output.glob("*/report.json"))]
     merged = merge_results(runs)

@@ -42,7 +42,8 @@ def main() -> None:
     settings = parse_overrides(get_method_class(args.method.split("@")[0]).Config, args.settings)
     config = PhotoScaleConfig(method=args.method, judges=tuple(j for j in args.judges.split(",") if j),
                               settings=settings, limit=args.limit)
-    work = args.out / args.method.replace("@", "-")
+    # one folder per method and settings: a rerun with the same ones resumes after the last photo done
+    work = args.out / "-".join([args.method.replace("@", "-"), *(s.replace("/", "_") for s in args.settings)])
     start = time.perf_counter()
     result = evaluate_photo_set(set_dir, config, work)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)

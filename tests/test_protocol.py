@@ -183,3 +183,31 @@ def test_degradations_are_jpeg75_a_half_resize_and_a_unit_sigma_blur(face_rgb):
     blur = {s: mean_abs(degrade(face_rgb, "blur1"), scipy_blur(s)) for s in (0.8, 1.0, 1.2)}
     assert blur[1.0] < 0.7 and blur[1.0] < 0.8 * min(blur[0.8], blur[1.2]), blur
     assert mean_abs(degrade(face_rgb, "blur1"), face_rgb) > 3 * blur[1.0]  # a real blur, not a no-op
+
+
+def test_a_rerun_resumes_from_the_kept_protected_photos_and_other_settings_do_not_reuse_them(shared_data, tmp_path,
+                                                                                            monkeypatch):
+    """Hour-long evaluations survive an interruption: every protected photo is kept with its protection time, and a
+    rerun with the same method, settings and pool judges the kept photos instead of protecting again; a run with
+    other settings never reuses them."""
+    config = EvalConfig(methods=("pgd",), pairs_dir=PAIRS, targets_dir=None, n_pairs=1, n_per_target=0,
+                        judges=JUDGES, surrogates=JUDGES, settings={"steps": 2}, robustness=False,
+                        independent=False, cache_dir=tmp_path)
+    first = evaluate(config, progress=False)
+    kept = sorted(tmp_path.rglob("*.png"))
+    assert len(kept) == len(JUDGES)  # one dodging photo per held-out judge
+    build = protocol._build
+
+    def no_protection(*args, **kwargs):
+        method = build(*args, **kwargs)
+        method.protect = lambda *a, **k: pytest.fail("protected again although the photo was kept")
+        return method
+
+    monkeypatch.setattr(protocol, "_build", no_protection)
+    again = evaluate(config, progress=False)
+    for judge in JUDGES:
+        assert again["methods"]["pgd"]["judges"][judge] == first["methods"]["pgd"]["judges"][judge]
+    assert again["methods"]["pgd"]["quality"] == first["methods"]["pgd"]["quality"]
+    monkeypatch.setattr(protocol, "_build", build)
+    evaluate(EvalConfig(**{**config.__dict__, "settings": {"steps": 3}}), progress=False)
+    assert len(list(tmp_path.rglob("*.png"))) == 2 * len(JUDGES)  # its own folder, its own photos

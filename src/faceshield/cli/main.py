@@ -477,7 +477,8 @@ def methods_cmd(as_json: bool) -> None:
               "that has it, e.g. --set steps=20.")
 @click.option("--diffusion-model", metavar="HUB_ID|FOLDER", help="Stable Diffusion model of the diffusion methods.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default="faceshield-eval",
-              help="Folder for report.json and report.html.")
+              help="Folder for report.json, report.html and the protected photos (protected/: a rerun reuses "
+              "them and resumes where it stopped).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, surrogates, no_robustness, settings,
@@ -505,6 +506,7 @@ def evaluate(methods, pairs_dir, targets_dir, n_pairs, n_per_target, judges, sur
         surrogates=tuple(m.strip() for m in surrogates.split(",") if m.strip()),
         robustness=not no_robustness,
         settings=overrides,  # each method takes the ones it has
+        cache_dir=output / "protected",  # an interrupted run resumes at the photo it stopped at
     )
     result = run_protocol(config, progress=not quiet and not as_json)
     result["config"]["command"] = "faceshield " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -197,13 +197,19 @@ def evaluate_photo_set(set_dir: Path, config: PhotoScaleConfig, work_dir: Path, 
         for e in tqdm(entries, desc=f"{config.method}, judge {j}", disable=not progress):
             photo = Path(set_dir) / e.photo
             out = out_dir / Path(e.photo).name
-            start = time.perf_counter()
-            record = protector.protect_files([(photo, out)])[0]
-            seconds = time.perf_counter() - start
+            done = out.with_name(out.name + ".json")  # written last: a rerun resumes after the last photo done
+            if done.is_file():
+                outcome = json.loads(done.read_text())
+            else:
+                start = time.perf_counter()
+                record = protector.protect_files([(photo, out)])[0]
+                outcome = {"status": record.status, "seconds": round(time.perf_counter() - start, 2),
+                           "error": record.error or record.note}
+                write_text_atomic(done, json.dumps(outcome) + "\n")
             ref_same, ref_ind = references[e.reference]
-            row = {"photo": e.photo, "judge": j, "status": record.status, "seconds": round(seconds, 2),
+            row = {"photo": e.photo, "judge": j, "status": outcome["status"], "seconds": outcome["seconds"],
                    "megapixels": e.megapixels, "face_px": e.face_px}
-            if record.status in ("protected", "weak"):
+            if outcome["status"] in ("protected", "weak"):
                 original, protected = load_image(photo).rgb, load_image(out).rgb
                 # None: that pipeline's detector finds no face (nothing to match); no key: no reference face
                 for kind, rgb in (("before", original), ("after", protected)):
@@ -220,7 +226,7 @@ def evaluate_photo_set(set_dir: Path, config: PhotoScaleConfig, work_dir: Path, 
                 row["face_ssim"] = float(ssim(b, a))
                 row["photo_psnr"] = float(psnr(to_tensor(protected), to_tensor(original)))
             else:
-                row["error"] = record.error or record.note
+                row["error"] = outcome["error"]
             rows.append(row)
         results["photos"] += rows
         t_same, t_ind = table.models[j].threshold(1e-2), independent.thresholds.get(j)

@@ -25,7 +25,9 @@ Protected photos are quantised to 8 bits (as when saved losslessly) before any m
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,7 +42,8 @@ from faceshield.eval.calibration import far_key, pair_ids, shipped_table
 from faceshield.eval.judge import IndependentJudge, judge_table
 from faceshield.eval.quality import brisque, psnr, ssim
 from faceshield.faces.detect import best_face_landmarks, create_detector
-from faceshield.images import load_image, to_tensor, to_uint8
+from faceshield.fileio import write_text_atomic
+from faceshield.images import load_image, save_image, to_tensor, to_uint8
 from faceshield.methods.base import create_method, get_method_class
 from faceshield.models.ensemble import FREnsemble
 
@@ -66,6 +69,10 @@ class EvalConfig:
         robustness: also measure dodging after JPEG / resize / blur.
         settings: extra method settings, applied to every method that has them.
         independent: also judge through the independent pipeline (:mod:`faceshield.eval.judge`).
+        cache_dir: keep every protected photo there (PNG, with its protection time) and reuse it on a rerun with
+            the same method, settings, surrogate pool, judge and photo (one subfolder per method spec and digest
+            of its settings), so a long run resumes where it stopped; None = keep nothing. Delete it after
+            changing the method's code.
     """
 
     methods: tuple[str, ...] = ("cloak@mid",)
@@ -79,6 +86,29 @@ class EvalConfig:
     robustness: bool = True
     settings: dict = field(default_factory=dict)
     independent: bool = True
+    cache_dir: Path | None = None
+
+
+def _cache_folder(config: EvalConfig, spec: str) -> Path | None:
+    """``cache_dir/<spec>-<digest of the spec, its settings and the surrogate pool>``, or None."""
+    if config.cache_dir is None:
+        return None
+    key = json.dumps([spec, config.settings, config.surrogates], sort_keys=True, default=str)
+    return Path(config.cache_dir) / f"{spec.replace('@', '-')}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _cached_protect(cache: Path | None, key: str, protect) -> tuple[np.ndarray, float]:
+    """``protect()`` quantised to uint8, and its seconds; read from / written to ``cache/key.png`` when cached."""
+    png, timing = (None, None) if cache is None else (cache / f"{key}.png", cache / f"{key}.seconds")
+    if png is not None and png.is_file() and timing.is_file():
+        return load_image(png).rgb, float(timing.read_text())
+    start = time.perf_counter()
+    out = to_uint8(protect().image)
+    seconds = time.perf_counter() - start
+    if png is not None:
+        save_image(png, out)
+        write_text_atomic(timing, f"{seconds!r}\n")
+    return out, seconds
 
 
 def degrade(rgb: np.ndarray, kind: str) -> np.ndarray:
@@ -217,6 +247,7 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
     results = {}
     examples = []
     for spec in config.methods:
+        cache = _cache_folder(config, spec)
         per_judge = {}
         quality = {"psnr": [], "ssim": [], "brisque": [], "seconds": []}
         for j in judges:
@@ -226,9 +257,9 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
             for p in tqdm(dodge_ids, desc=f"{spec} dodging, judge {j}", disable=not progress):
                 src = sources[p]
                 image = to_tensor(src.rgb)
-                start = time.perf_counter()
-                out = to_uint8(method.protect(image, src.landmarks).image)
-                quality["seconds"].append(time.perf_counter() - start)
+                out, seconds = _cached_protect(cache and cache / j, f"dodge-{p}",
+                                               lambda: method.protect(image, src.landmarks))
+                quality["seconds"].append(seconds)
                 protected = to_tensor(out)
                 quality["psnr"].append(float(psnr(protected, image)))
                 quality["ssim"].append(float(ssim(protected, image)))
@@ -261,7 +292,9 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
                     sims, ind_values = [], []
                     for p in tqdm(imp_ids, desc=f"{spec} impersonating {name}, judge {j}", disable=not progress):
                         src = sources[p]
-                        out = to_uint8(method.protect(to_tensor(src.rgb), src.landmarks, target_emb).image)
+                        out, _ = _cached_protect(
+                            cache and cache / j, f"impersonate-{Path(name).stem}-{p}",
+                            lambda: method.protect(to_tensor(src.rgb), src.landmarks, target_emb))
                         sims.append(judge_similarity(j, out, src.landmarks, t_ref[j]))
                         if j in ind_thresholds:
                             ind_values.append(independent_similarity(j, out, ind_ref))
@@ -279,6 +312,7 @@ def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) 
         }
     return {
         "config": {**asdict(config), "pairs_dir": str(config.pairs_dir),
+                   "cache_dir": str(config.cache_dir) if config.cache_dir else None,
                    "targets_dir": str(config.targets_dir) if config.targets_dir else None},
         "judges": judges,
         "thresholds": thresholds,
