@@ -2,11 +2,15 @@
 
 Leave-one-out black box over the calibrated judges, dodging on the first ``--n-pairs`` pairs, impersonation of
 the 4 standard targets from the first ``--n-per-target`` sources, robustness, quality and speed
-(:mod:`faceshield.eval.protocol`). One evaluation per method, each saved as it finishes, so an interrupted run
-resumes at the method it stopped in; then one merged report and the markdown tables.
+(:mod:`faceshield.eval.protocol`). One evaluation per method, each saved as it finishes; every protected photo is
+kept (``--protected``), so an interrupted run resumes at the photo it stopped at, and several processes can share
+the work (one per core, each with its own ``--judges`` and ``-o``, the same ``--protected``; a last run over every
+judge then only judges). Then one merged report and the markdown tables.
 
     python benchmarks/fr_protection.py -o runs/fr-protection   # cloak@mid, pgd, tip-im; 100 pairs, 25 per target
     python benchmarks/fr_protection.py --methods cloak@low,cloak@high --n-per-target 0 -o runs/fr-protection
+    python benchmarks/fr_protection.py --methods cloak@mid --judges faceres,mobilefacenet -o runs/part-a \
+        --protected runs/fr-protection/protected &        # and part b with the other judges, then the full run
 
 Writes ``OUT/<method>/report.{json,html}``, ``OUT/report.{json,html}`` (every method found in OUT) and
 ``OUT/tables.md``, and prints the tables. The machine is whatever runs it: say which when quoting the numbers.
@@ -32,7 +36,10 @@ def main() -> None:
     parser.add_argument("--targets", type=Path, default=Path("../shared/data/targets"))
     parser.add_argument("--n-pairs", type=int, default=100)
     parser.add_argument("--n-per-target", type=int, default=25)
+    parser.add_argument("--judges", default="", help="comma-separated held-out judges (default: calibrated strong)")
     parser.add_argument("-o", "--output", type=Path, default=Path("runs/fr-protection"))
+    parser.add_argument("--protected", type=Path, default=None, help="folder of the kept protected photos "
+                        "(default OUTPUT/protected); runs that share it split the work, e.g. by judge")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -42,7 +49,8 @@ def main() -> None:
             logging.info("%s: already evaluated in %s", spec, folder)
             continue
         config = EvalConfig(methods=(spec,), pairs_dir=args.pairs, targets_dir=args.targets, n_pairs=args.n_pairs,
-                            n_per_target=args.n_per_target, cache_dir=args.output / "protected")
+                            n_per_target=args.n_per_target, judges=tuple(j for j in args.judges.split(",") if j),
+                            cache_dir=args.protected or args.output / "protected")
         write_report(evaluate(config), folder)
     runs = [json.loads(p.read_text()) for p in sorted(args.output.glob("*/report.json"))]
     merged = merge_results(runs)

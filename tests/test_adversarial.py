@@ -88,3 +88,47 @@ def test_work_scale_makes_the_perturbation_smooth_on_large_faces_only(face_rgb):
     assert fine_share(smooth) < 0.25 * fine_share(full)
     # a 256² CelebA-HQ face has its eyes ~64 px apart: a working scale of 80 px leaves it alone
     assert torch.equal(delta(face_rgb, 0.0), delta(face_rgb, 80.0))
+
+
+@pytest.mark.parametrize("box", [(100, 160, 90, 170), (0, 256, 0, 256), (0, 30, 240, 256), (120, 121, 5, 6)])
+def test_ssim_of_a_local_change_equals_the_ssim_of_the_whole_photo(face_rgb, box):
+    """The perceptual budget measures SSIM only around the pixels the perturbation changes (a 600 px face in a
+    12 MP photo: the face, not the photo around it); the value is the whole photo's SSIM."""
+    from faceshield.adversarial import ssim_of_change
+
+    image = to_tensor(face_rgb)
+    y0, y1, x0, x1 = box
+    delta = torch.zeros_like(image)
+    delta[..., y0:y1, x0:x1] = _sign_noise(image, 12)[..., y0:y1, x0:x1]
+    whole = float(ssim((image + delta).clamp(0, 1), image))
+    assert whole < 1.0
+    assert ssim_of_change(image, delta) == pytest.approx(whole, abs=2e-6)
+    assert ssim_of_change(image, torch.zeros_like(image)) == 1.0
+
+
+def test_a_perturbation_made_at_a_coarser_scale_is_rescaled_to_the_floors_of_the_photos_own_scale(face_rgb):
+    """work_eye_px: the floors held at the working scale, where the perturbation was sharp; upsampled it is smooth
+    and costs less SSIM, so it is scaled up until a floor binds at the photo's scale — never past the L∞ bound
+    nor 4× — and scaled down when it breaks a floor."""
+    import torch.nn.functional as F
+
+    from faceshield.adversarial import rescale_to_floors
+
+    image = to_tensor(face_rgb)
+    coarse = _sign_noise(image[..., ::4, ::4], 4)
+    delta = F.interpolate(coarse, size=list(image.shape[-2:]), mode="bilinear", align_corners=False)
+    wide = torch.full_like(image[:, :1], 16 / 255)
+    before = (float(psnr((image + delta).clamp(0, 1), image)), float(ssim((image + delta).clamp(0, 1), image)))
+    assert before[0] > 37 and before[1] > 0.96  # slack at the photo's scale
+    up = rescale_to_floors(image, delta, wide, min_ssim=0.95, min_psnr=35.0)
+    after = (float(psnr((image + up).clamp(0, 1), image)), float(ssim((image + up).clamp(0, 1), image)))
+    assert after[0] >= 35.0 and after[1] >= 0.95
+    assert after[0] < 35.1 or after[1] < 0.953  # one floor binds: as much perturbation as the floors allow
+    assert up.abs().max() > delta.abs().max() * 1.2
+    tight = torch.full_like(wide, 5 / 255)  # the L∞ bound binds first
+    assert rescale_to_floors(image, delta, tight, 0.95, 35.0).abs().max() <= 5 / 255 + 1e-7
+    capped = rescale_to_floors(image, delta * 0.01, wide, 0.95, 35.0)  # at most 4×
+    assert torch.allclose(capped, delta * 0.04, atol=1e-6)
+    strong = rescale_to_floors(image, delta * 4, wide, 0.99, 45.0)  # breaks both floors: scaled down
+    assert float(psnr((image + strong).clamp(0, 1), image)) >= 45.0
+    assert float(ssim((image + strong).clamp(0, 1), image)) >= 0.99

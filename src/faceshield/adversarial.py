@@ -224,20 +224,67 @@ def quality_constraint(image: torch.Tensor, min_ssim: float = 0.0, min_psnr: flo
     square of their scale, so its factor is ``√((1 − floor) / (1 − SSIM))`` (a hair less), checked and repeated
     at most ``tries`` times.
     """
-    from faceshield.eval.quality import psnr, ssim
-
     def project(delta: torch.Tensor) -> torch.Tensor:
-        value = float(psnr((image + delta).clamp(0, 1), image)) if min_psnr > 0 else math.inf
+        value = psnr_of_change(image, delta) if min_psnr > 0 else math.inf
         if value < min_psnr:
             delta = delta * (0.999 * 10 ** ((value - min_psnr) / 20))
         for _ in range(tries if min_ssim > 0 else 0):
-            value = float(ssim((image + delta).clamp(0, 1), image))
+            value = ssim_of_change(image, delta)
             if value >= min_ssim:
                 break
             delta = delta * (0.998 * ((1.0 - min_ssim) / (1.0 - value)) ** 0.5)
         return delta
 
     return project
+
+
+def rescale_to_floors(image: torch.Tensor, delta: torch.Tensor, bound: torch.Tensor, min_ssim: float,
+                      min_psnr: float, most: float = 4.0) -> torch.Tensor:
+    """``delta`` scaled up (at most ``most``×, never past the L∞ ``bound``) until ``image + delta`` meets the SSIM /
+    PSNR floors exactly, or scaled down when it does not meet them (:func:`quality_constraint`).
+
+    For a perturbation made at a coarser scale and upsampled: its floors held at that scale, where it was sharp;
+    at the photo's own scale it is smooth and costs less SSIM, so the same floors allow more of it.
+    """
+    # up by the exact PSNR factor; quality_constraint then takes it down to the SSIM floor if that binds first
+    factor = min(most, 10 ** ((psnr_of_change(image, delta) - min_psnr) / 20)) if min_psnr > 0 else most
+    if factor > 1:
+        delta = torch.maximum(torch.minimum(delta * factor, bound), -bound)
+        delta = (image + delta).clamp(0, 1) - image
+    return quality_constraint(image, min_ssim, min_psnr)(delta)
+
+
+def psnr_of_change(image: torch.Tensor, delta: torch.Tensor) -> float:
+    """PSNR (dB) of ``(image + delta).clamp(0, 1)`` to ``image``."""
+    from faceshield.eval.quality import psnr
+
+    return float(psnr((image + delta).clamp(0, 1), image))
+
+
+def ssim_of_change(image: torch.Tensor, delta: torch.Tensor) -> float:
+    """SSIM of ``(image + delta).clamp(0, 1)`` to ``image`` (``1×3×h×w``), computed where ``delta`` is non-zero.
+
+    Every SSIM window that sees only unchanged pixels scores exactly 1, so the mean over the whole image is
+    ``1 − (1 − SSIM of the changed box) · (windows in the box / windows in the image)``, the box being the
+    bounding box of the change grown by two window radii. The same value as :func:`faceshield.eval.quality.ssim`
+    on the whole image (to float rounding), at the cost of the face instead of the photo around it.
+    """
+    from faceshield.eval.quality import SSIM_RADIUS, ssim
+
+    changed = (delta != 0).any(dim=1)[0]
+    rows, cols = changed.any(dim=1).nonzero(), changed.any(dim=0).nonzero()
+    if len(rows) == 0:
+        return 1.0
+    pad = 2 * SSIM_RADIUS
+    (h, w), side = image.shape[-2:], 2 * SSIM_RADIUS + 1
+    y0, y1 = max(0, int(rows[0]) - pad), min(h, int(rows[-1]) + 1 + pad)
+    x0, x1 = max(0, int(cols[0]) - pad), min(w, int(cols[-1]) + 1 + pad)
+    a = image[..., y0:y1, x0:x1]
+    if min(a.shape[-2:]) < side:
+        y0, y1, x0, x1, a = 0, h, 0, w, image
+    value = float(ssim((a + delta[..., y0:y1, x0:x1]).clamp(0, 1), a))
+    windows = ((y1 - y0 - side + 1) * (x1 - x0 - side + 1)) / ((h - side + 1) * (w - side + 1))
+    return 1.0 - (1.0 - value) * windows
 
 
 def surrogate_ensemble(names: tuple[str, ...] | list[str], device: str | torch.device = "cpu",

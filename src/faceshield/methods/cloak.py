@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from faceshield.adversarial import (
-    IdentityObjective, face_region, input_diversity, sign_attack, quality_constraint, texture_budget,
+    IdentityObjective, face_region, input_diversity, quality_constraint, rescale_to_floors, sign_attack,
+    texture_budget,
 )
 from faceshield.augment import RandomTransforms
 from faceshield.faces.masks import face_mask_from_landmarks
@@ -52,7 +53,10 @@ class CloakConfig(Settings):
             perturbation (bilinear) onto the photo; only faces larger than that are affected; 0 = always at the
             photo's own resolution. FR systems shrink a large face to ~112 px with their own filter and
             landmarks: a perturbation made at that scale is smooth at the photo's scale and survives any
-            resampler, where a full-resolution one is partly filtered away (docs/benchmarks.md).
+            resampler, where a full-resolution one is partly filtered away (docs/benchmarks.md). Smooth, it
+            costs less SSIM at the photo's scale than where it was made, so it is then rescaled to the floors
+            (``min_ssim``, ``min_psnr``) at the photo's own scale, within ``epsilon``. It also bounds the time a
+            large face takes.
         min_ssim, min_psnr: after each step, scale the perturbation down until the face region (the face and
             one face size around it) keeps at least this SSIM / PSNR (dB) to the original: a perceptual budget
             on top of L∞ (:func:`faceshield.adversarial.quality_constraint`); 0 = off.
@@ -124,8 +128,12 @@ class Cloak(FRAttackMethod):
             constraint=quality_constraint(x, cfg.min_ssim, cfg.min_psnr) if cfg.min_ssim or cfg.min_psnr else None,
             random_start=cfg.random_start, generator=torch.Generator().manual_seed(cfg.seed + 2), progress=progress,
         )
-        if scale < 1:  # the perturbation, smooth at the photo's scale
-            delta = F.interpolate(out - x, size=list(full.shape[-2:]), mode="bilinear", align_corners=False)
+        if scale < 1:  # the perturbation, smooth at the photo's scale, as strong as the floors allow there
+            size = list(full.shape[-2:])
+            delta = F.interpolate(out - x, size=size, mode="bilinear", align_corners=False)
+            if cfg.min_ssim or cfg.min_psnr:
+                bound = F.interpolate(budget * mask, size=size, mode="bilinear", align_corners=False)
+                delta = rescale_to_floors(full, delta, bound, cfg.min_ssim, cfg.min_psnr)
             out = (full + delta).clamp(0, 1)
         return ProtectionResult(region.paste(image, out.to(image)), steps, history)
 
