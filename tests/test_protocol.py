@@ -6,6 +6,7 @@ degradations being the documented ones (docs/mechanisms.md lists them)."""
 
 import hashlib
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -211,3 +212,8 @@ def test_a_rerun_resumes_from_the_kept_protected_photos_and_other_settings_do_no
     monkeypatch.setattr(protocol, "_build", build)
     evaluate(EvalConfig(**{**config.__dict__, "settings": {"steps": 3}}), progress=False)
     assert len(list(tmp_path.rglob("*.png"))) == 2 * len(JUDGES)  # its own folder, its own photos
+    # a changed default (the method's code moved on) is another method too
+    folder = protocol._cache_folder(config, "pgd")
+    resolved = protocol.method_config
+    monkeypatch.setattr(protocol, "method_config", lambda *a, **k: replace(resolved(*a, **k), step_size=0.5))
+    assert protocol._cache_folder(config, "pgd") != folder

@@ -30,7 +30,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from faceshield.eval.quality import brisque, psnr, ssim
 from faceshield.faces.detect import best_face_landmarks, create_detector
 from faceshield.fileio import write_text_atomic
 from faceshield.images import load_image, save_image, to_tensor, to_uint8
-from faceshield.methods.base import create_method, get_method_class
+from faceshield.methods.base import create_method, get_method_class, method_config
 from faceshield.models.ensemble import FREnsemble
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,14 @@ class EvalConfig:
 
 
 def _cache_folder(config: EvalConfig, spec: str) -> Path | None:
-    """``cache_dir/<spec>-<digest of the spec, its settings and the surrogate pool>``, or None."""
+    """``cache_dir/<spec>-<digest of the method's whole config (defaults, preset, settings) and the pool>``, or None.
+
+    The whole resolved config, not only the settings given: a changed default is another method."""
     if config.cache_dir is None:
         return None
-    key = json.dumps([spec, config.settings, config.surrogates], sort_keys=True, default=str)
+    name, preset, overrides = _method_settings(spec, config.settings)
+    resolved = asdict(method_config(name, preset, **overrides))
+    key = json.dumps([spec, resolved, config.surrogates], sort_keys=True, default=str)
     return Path(config.cache_dir) / f"{spec.replace('@', '-')}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -147,12 +151,16 @@ def _embed(ensemble: FREnsemble, rgb: np.ndarray, landmarks: torch.Tensor) -> di
     return {k: v[0] for k, v in ensemble.embed(to_tensor(rgb), landmarks).items()}
 
 
-def _build(spec: str, surrogates: tuple[str, ...], settings: dict):
+def _method_settings(spec: str, settings: dict) -> tuple[str, str | None, dict]:
+    """``name@strength`` → (name, preset or None, the settings that method has)."""
     name, _, strength = spec.partition("@")
-    cls = get_method_class(name)
-    known = {f for f in cls.Config.__dataclass_fields__}
-    overrides = {k: v for k, v in settings.items() if k in known}
-    return create_method(name, preset=strength or None, surrogates=surrogates, **overrides)
+    known = {f.name for f in fields(get_method_class(name).Config)}
+    return name, strength or None, {k: v for k, v in settings.items() if k in known}
+
+
+def _build(spec: str, surrogates: tuple[str, ...], settings: dict):
+    name, preset, overrides = _method_settings(spec, settings)
+    return create_method(name, preset=preset, surrogates=surrogates, **overrides)
 
 
 def evaluate(config: EvalConfig, progress: bool = True, keep_examples: int = 4) -> dict:
