@@ -83,7 +83,7 @@ def _assets_of(names: tuple[str, ...], every: bool) -> list[str]:
     chosen = names or tuple(list_fr_models())
     files: list[str] = []
     for name in chosen:
-        if name in list_fr_models():
+        if name in list_fr_models(by_path=True):  # a by-path model's file: fetch() says how to supply it
             files.extend(get_fr_config(name).assets)
         else:
             files.append(name)
@@ -100,7 +100,7 @@ def models_list(as_json: bool) -> None:
 
     table = shipped_table()
     fr = []
-    for name in list_fr_models():
+    for name in list_fr_models(by_path=True):
         cfg = get_fr_config(name)
         cal = table.models.get(name)
         fr.append({
@@ -108,23 +108,29 @@ def models_list(as_json: bool) -> None:
             "channel_order": cfg.channel_order, "mean": cfg.mean, "std": cfg.std, "licence": cfg.licence,
             "source": cfg.source, "reference": cfg.reference, "assets": list(cfg.assets),
             "auc": cal.auc if cal else None, "weak": cal.weak if cal else None,
+            "weights_by_path": cfg.weights_asset is not None,
         })
-    files = []
-    for asset in list_assets():
+    files, by_path = [], []
+    for asset in list_assets(by_path=True):
         path = locate(asset.name)
-        files.append({
+        (by_path if asset.by_path else files).append({
             "name": asset.name, "sha256": asset.sha256, "size": asset.size, "licence": asset.licence,
             "sources": [s.describe() for s in asset.sources], "local": str(path) if path else None,
         })
     lines = ["FR models:"]
     for m in fr:
-        auc = ("research only (FACESHIELD_ALLOW_RESEARCH_MODELS=1)" if m["auc"] is None and "research" in m["licence"]
+        auc = ("weights by path, uncalibrated" if m["weights_by_path"]
+               else "research only (FACESHIELD_ALLOW_RESEARCH_MODELS=1)" if m["auc"] is None and "research" in m["licence"]
                else "uncalibrated" if m["auc"] is None else f"AUC {m['auc']:.3f}{' (weak)' if m['weak'] else ''}")
         lines.append(f"  {m['name']:<20} {m['input_size']}px {m['embedding_dim']}-D  {auc}  {m['licence']}")
     lines.append("Model files:")
     for f in files:
         lines.append(f"  {'ok  ' if f['local'] else 'miss'} {f['name']:<50} {f['size'] / 1e6:7.1f} MB  {f['licence']}")
-    _emit(as_json, {"fr_models": fr, "files": files}, "\n".join(lines))
+    lines.append("Weights by path (you supply them: FACESHIELD_WEIGHTS=FOLDER=PATH, or the file under a mirror folder):")
+    for f in by_path:
+        lines.append(f"  {'ok  ' if f['local'] else 'path'} {f['name']:<50} unpinned  {f['licence']}; "
+                     f"get it from {f['sources'][0]}")
+    _emit(as_json, {"fr_models": fr, "files": files, "by_path_files": by_path}, "\n".join(lines))
 
 
 @models.command("fetch")

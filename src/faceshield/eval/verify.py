@@ -30,6 +30,10 @@ def resolve_models(spec: str) -> list[str]:
     if spec == "all":
         return usable_fr_models()
     names = [m.strip() for m in spec.split(",") if m.strip()]
+    by_path = sorted(set(names) & (set(list_fr_models(by_path=True)) - set(list_fr_models())))
+    if by_path:
+        raise FaceshieldError(f"{', '.join(by_path)}: weights supplied by path are uncalibrated (no threshold), so "
+                              f"they cannot give a verdict; choose from: {', '.join(list_fr_models())}")
     unknown = sorted(set(names) - set(list_fr_models()))
     if unknown:
         raise FaceshieldError(f"unknown FR model(s) {', '.join(unknown)}; choose from: {', '.join(list_fr_models())}")

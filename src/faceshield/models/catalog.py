@@ -3,7 +3,7 @@
 Adding a model file means adding one entry here; the FR zoo and detectors refer to files by name.
 """
 
-from faceshield.models.assets import Asset, NpmFile, PyPIFile, UrlSource, register_asset
+from faceshield.models.assets import Asset, ManualSource, NpmFile, PyPIFile, UrlSource, register_asset
 
 _MOBILEFACENET_REPO = "https://github.com/foamliu/MobileFaceNet/raw/a6cc903"
 _TIPIM_REPO = "https://github.com/ShawnXYang/TIP-IM/raw/5ad8175"
@@ -145,3 +145,23 @@ for _file, _sha, _size, _path, _what in (
         licence=_RESEARCH_ONLY,
         description=f"InsightFace MobileFaceNet y1, 128-D: {_what}",
     ))
+
+# --- Weights the user supplies by path (cloud-drive or release downloads; public sha256 not known: unpinned) -----
+for _name, _where, _licence, _what in (
+    ("arcface-ir-se50/model_ir_se50.pth",
+     "the download links in the README of github TreB1eN/InsightFace_Pytorch (also in pSp's and e4e's READMEs)",
+     "MIT (TreB1eN/InsightFace_Pytorch); MS1M training data: research", "ArcFace IR-SE50 (pSp/e4e/Diff-Privacy)"),
+    ("facenet-vggface2/20180402-114759-vggface2.pt",
+     "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",
+     "MIT (facenet-pytorch); VGGFace2 training data: research", "FaceNet InceptionResnetV1 on VGGFace2"),
+    ("facenet-casia-webface/20180408-102900-casia-webface.pt",
+     "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180408-102900-casia-webface.pt",
+     "MIT (facenet-pytorch); CASIA-WebFace training data: research", "FaceNet InceptionResnetV1 on CASIA-WebFace"),
+    ("face-parsing-bisenet/79999_iter.pth",
+     "the Google Drive link in the README of github zllrunning/face-parsing.PyTorch (a copy: github "
+     "clibdev/face-parsing.PyTorch releases)",
+     "no licence file in zllrunning/face-parsing.PyTorch; CelebAMask-HQ training data: non-commercial research",
+     "BiSeNet face parsing, 19 CelebAMask-HQ classes (Diff-Privacy's background mask)"),
+):
+    register_asset(Asset(name=_name, sha256="", size=0, sources=(ManualSource(_where),), licence=_licence,
+                         description=f"{_what}; weights by path (unpinned: sha256 logged when loaded)"))

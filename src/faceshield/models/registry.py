@@ -65,6 +65,11 @@ class FRModelConfig:
     description: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
+    @property
+    def weights_asset(self) -> str | None:
+        """The asset holding the weights when the user supplies them by path (``extra["weights_asset"]``), else None."""
+        return self.extra.get("weights_asset")
+
     def __post_init__(self) -> None:
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"{self.name}: channel_order must be RGB or BGR, got {self.channel_order!r}")
@@ -124,7 +129,7 @@ def require_research_opt_in(name: str, licence: str) -> None:
                                    f"for research")
 
 
-NetworkBuilder = Callable[[FRModelConfig], nn.Module]
+NetworkBuilder = Callable[..., nn.Module]  # builder(config) or, for by-path weights, builder(config, weights_path)
 _REGISTRY: dict[str, tuple[FRModelConfig, NetworkBuilder]] = {}
 
 
@@ -144,9 +149,10 @@ def _load_zoo() -> None:
     import faceshield.models.zoo  # noqa: F401  (registers every model on import)
 
 
-def list_fr_models() -> list[str]:
+def list_fr_models(by_path: bool = False) -> list[str]:
+    """Zoo models faceshield can fetch itself; with ``by_path`` also those whose weights the user supplies."""
     _load_zoo()
-    return sorted(_REGISTRY)
+    return sorted(n for n, (cfg, _) in _REGISTRY.items() if by_path or cfg.weights_asset is None)
 
 
 def get_fr_config(name: str) -> FRModelConfig:
@@ -156,10 +162,21 @@ def get_fr_config(name: str) -> FRModelConfig:
     return _REGISTRY[name][0]
 
 
-def create_fr_model(name: str, device: str | torch.device = "cpu") -> FaceRecognizer:
-    """Build FR model ``name`` with its weights (fetched and verified through the asset cache), in eval mode."""
+def create_fr_model(name: str, device: str | torch.device = "cpu", weights: str | None = None) -> FaceRecognizer:
+    """Build FR model ``name`` with its weights (fetched and verified through the asset cache), in eval mode.
+
+    ``weights``: path of the weights file of a model whose weights the user supplies (``config.weights_asset``);
+    None = look for it as an asset (``$FACESHIELD_WEIGHTS``, mirror folders, cache).
+    """
     config = get_fr_config(name)
-    network = _REGISTRY[name][1](config)
+    builder = _REGISTRY[name][1]
+    if config.weights_asset is None:
+        if weights:
+            raise FaceshieldError(f"FR model {name} ships its own weights; a weights path applies only to "
+                                  f"{', '.join(n for n in sorted(_REGISTRY) if _REGISTRY[n][0].weights_asset)}")
+        network = builder(config)
+    else:
+        network = builder(config, weights)
     model = FaceRecognizer(config, network).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -167,6 +184,7 @@ def create_fr_model(name: str, device: str | torch.device = "cpu") -> FaceRecogn
 
 
 @functools.lru_cache(maxsize=None)
-def cached_fr_model(name: str, device: str = "cpu") -> FaceRecognizer:
-    """:func:`create_fr_model`, built once per process and device (the models are frozen, so sharing is safe)."""
-    return create_fr_model(name, device)
+def cached_fr_model(name: str, device: str = "cpu", weights: str | None = None) -> FaceRecognizer:
+    """:func:`create_fr_model`, built once per process, device and weights path (the models are frozen, so
+    sharing is safe)."""
+    return create_fr_model(name, device, weights)

@@ -1,3 +1,5 @@
 """Imports every FR model module so that each registers itself with :mod:`faceshield.models.registry`."""
 
-from faceshield.models.fr import dlib_resnet, faceplugin, human, insightface_y1, mobilefacenet_ms1m  # noqa: F401
+from faceshield.models.fr import (  # noqa: F401
+    dlib_resnet, faceplugin, facenet, human, insightface_y1, ir_se50, mobilefacenet_ms1m,
+)
