@@ -8,8 +8,8 @@ pixels:
   Reward ``1 − BRISQUE/100``. No weights to download.
 - ``laion``: the LAION aesthetic predictor (an MLP on the L2-normalised CLIP ViT-L/14 image embedding, trained on
   SAC+LOGOS+AVA, ~1–10); CLIP by hub id or folder, the MLP by path (``sac+logos+ava1-l14-linearMSE.pth``).
-- ``imagereward``: ImageReward (BLIP + MLP, text-conditioned) from its checkpoint file, through the
-  ``image-reward`` package (not a faceshield dependency).
+- ``imagereward``: ImageReward (BLIP ViT-L + BERT cross-attention + MLP, text-conditioned) from its checkpoint file,
+  in plain torch (:mod:`faceshield.diffusion.image_reward`, validated against the ``image-reward`` package).
 
 Loading failures are one :class:`~faceshield.errors.DiffusionModelError` line.
 """
@@ -204,45 +204,10 @@ def load_laion_aesthetic(mlp_path: str | Path, clip: str = CLIP_L14, device: str
     return scorer
 
 
-class ImageRewardScorer(torch.nn.Module):
-    """ImageReward's differentiable score (its ``score_gard`` path) of images in [0, 1] for one prompt."""
-
-    def __init__(self, model, prompt: str):
-        super().__init__()
-        self.model = model
-        tok = model.blip.tokenizer(prompt, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-        self.register_buffer("ids", tok.input_ids, persistent=False)
-        self.register_buffer("mask", tok.attention_mask, persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = clip_preprocess(images.float())
-        n = x.shape[0]
-        return self.model.score_gard(self.ids.expand(n, -1), self.mask.expand(n, -1), x).view(-1)
-
-
-def load_image_reward(path: str | Path, prompt: str, device: str | torch.device = "cpu") -> ImageRewardScorer:
-    """ImageReward from its checkpoint file (``ImageReward.pt``) and ``med_config.json`` beside it, through the
-    ``image-reward`` package."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DiffusionModelError(f"ImageReward checkpoint {str(path)!r} not found; download THUDM/ImageReward's "
-                                  "ImageReward.pt and med_config.json where there is internet and pass the .pt path")
-    try:
-        import ImageReward
-    except ImportError as error:
-        raise DiffusionModelError("the imagereward reward needs the image-reward package: pip install image-reward"
-                                  ) from error
-    try:
-        model = ImageReward.load(str(path), device=str(device), med_config=str(path.with_name("med_config.json")))
-    except Exception as error:  # the package raises many types
-        raise DiffusionModelError(f"cannot load ImageReward {str(path)!r} ({type(error).__name__}); check the file "
-                                  "and med_config.json beside it") from error
-    return ImageRewardScorer(model.eval().requires_grad_(False), prompt).to(device)
-
-
 def create_reward_model(kind: str, path: str = "", clip: str = CLIP_L14, prompt: str = "a photo of person",
-                        device: str | torch.device = "cpu") -> RewardModel:
-    """The reward model ``kind`` (see :data:`REWARD_MODELS`); ``path``: the LAION MLP or ImageReward file."""
+                        device: str | torch.device = "cpu", tokenizer: str = "bert-base-uncased") -> RewardModel:
+    """The reward model ``kind`` (see :data:`REWARD_MODELS`); ``path``: the LAION MLP or ImageReward file;
+    ``tokenizer``: ImageReward's bert-base-uncased tokenizer (folder, hub id or ``vocab.txt``)."""
     if kind == "brisque":
         return brisque_reward
     if kind == "laion":
@@ -251,7 +216,12 @@ def create_reward_model(kind: str, path: str = "", clip: str = CLIP_L14, prompt:
                                       "(sac+logos+ava1-l14-linearMSE.pth)")
         return load_laion_aesthetic(path, clip, device)
     if kind == "imagereward":
-        return load_image_reward(path, prompt, device)
+        from faceshield.diffusion.image_reward import load_image_reward
+
+        if not path:
+            raise DiffusionModelError("the imagereward reward needs its checkpoint: set reward_path=PATH "
+                                      "(ImageReward.pt, with med_config.json beside it)")
+        return load_image_reward(path, prompt, tokenizer, device)
     raise DiffusionModelError(f"unknown reward model {kind!r}; choose from {', '.join(REWARD_MODELS)}")
 
 

@@ -103,7 +103,8 @@ class HAAConfig(ASPLConfig):
         momentum: μ of the update (1.0, MI-FGSM's).
         denoise_weight: weight of L_denoise (1.0); global_weight: λ_g (1.0); local_weight: λ_l (1.0).
         reward_model: ``brisque`` (weight-free, default), ``laion`` (reward_path = the MLP file, reward_clip =
-            CLIP ViT-L/14 hub id or folder) or ``imagereward`` (reward_path = ImageReward.pt).
+            CLIP ViT-L/14 hub id or folder) or ``imagereward`` (reward_path = ImageReward.pt, med_config.json
+            beside it; reward_tokenizer = bert-base-uncased folder, hub id or vocab.txt).
         reward_prompt: ImageReward's prompt ("a photo of person").
         mask_scale: size of the landmark face ellipse of the local term (1 = forehead to chin).
         local_size: side the face crop is resized to for the local reward (128).
@@ -117,6 +118,7 @@ class HAAConfig(ASPLConfig):
     reward_path: str = ""
     reward_clip: str = "openai/clip-vit-large-patch14"
     reward_prompt: str = "a photo of person"
+    reward_tokenizer: str = "bert-base-uncased"
     mask_scale: float = setting(1.0, "(0, 10]")
     local_size: int = setting(128, "[32, 1024]")
 
@@ -345,7 +347,7 @@ class HAA(ASPL):
 
         cfg = self.config
         return create_reward_model(cfg.reward_model, cfg.reward_path, cfg.reward_clip, cfg.reward_prompt,
-                                   self.model.device)
+                                   self.model.device, tokenizer=cfg.reward_tokenizer)
 
     def start(self, clean, masks) -> dict:
         boxes = face_boxes(masks)
