@@ -38,7 +38,7 @@ PINNED = {
     "map": {"model": "", "pretrained": "", "mask_scale": 1.3, "surrogates": ()},
     # README, cloak's `mid` (the default).
     "cloak": {"epsilon": 12 / 255, "min_ssim": 0.93, "min_psnr": 35.0, "steps": 40, "margin": 0.5,
-              "texture_floor": 0.75, "eot": True, "random_start": 0.25, "surrogates": ()},
+              "texture_floor": 0.75, "eot": True, "random_start": 0.25, "work_eye_px": 64.0, "surrogates": ()},
 }
 
 

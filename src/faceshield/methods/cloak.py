@@ -76,7 +76,7 @@ class CloakConfig(Settings):
     gradient_sigma: float = setting(1.0, "[0, 20]")
     diversity: float = setting(0.7, "[0, 1]")
     random_start: float = setting(0.25, "[0, 1]")
-    work_eye_px: float = setting(0.0, "[0, inf)")
+    work_eye_px: float = setting(64.0, "[0, inf)")
     min_ssim: float = setting(0.93, "[0, 1)")
     min_psnr: float = setting(35.0, "[0, 100]")
     check_every: int = setting(10, "[0, inf)")
@@ -90,6 +90,9 @@ class CloakConfig(Settings):
 # mobilefacenet-ms1m / dlib-resnet (dodging PSR@1e-2, whole-photo SSIM mean (min)): ε 8/255 without floors
 # 50 / 81 %, 0.963 (0.949); ε 12/255 with an SSIM floor of 0.93 50 / 94 %, 0.956 (0.949); with a floor of 0.94
 # 44 / 69 %, 0.967 (0.960). 40 steps, checked every 10, keep one 512² photo near 10 s on a 2-core CPU.
+# work_eye_px 64 (session 6, 12 photos of the photo-scale set, 3 held-out judges, dodging PSR same / independent
+# pipeline): 89 / 86 % at face SSIM 0.972 in about half the time, against 89 / 83 % at 0.961 at full resolution;
+# 64 px leaves most 256² CelebA-HQ crops (eyes 54–70 px apart) as they were.
 # docs/benchmarks.md has the exploration and the full-size runs.
 STRENGTHS: dict[str, dict] = {
     "low": {"epsilon": 8 / 255, "steps": 30, "margin": 0.2, "texture_floor": 0.5, "min_ssim": 0.96, "min_psnr": 38.0},
