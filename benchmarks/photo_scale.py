@@ -4,6 +4,8 @@ output through the protection's own pipeline and through the independent one (fa
     python benchmarks/photo_scale.py runs/photo-scale                       # cloak@mid, 40 CelebA-HQ + 4 + 4 photos
     python benchmarks/photo_scale.py runs/photo-scale --method cloak@high --limit 12 --judges dlib-resnet,faceres
 
+A rerun resumes after the last photo done; runs with other ``--judges`` (e.g. one per core) add to the same table.
+
 Writes ``runs/photo-scale/set/`` (photos + manifest, built once), ``<method>/result.json`` and prints the
 per-judge table (markdown). See faceshield/eval/photoscale.py for what the set contains.
 """
@@ -47,8 +49,21 @@ def main() -> None:
     start = time.perf_counter()
     result = evaluate_photo_set(set_dir, config, work)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    result = _with_earlier_judges(work / "result.json", result)
     write_text_atomic(work / "result.json", json.dumps(result, indent=1, default=str) + "\n")
     print(markdown(result))
+
+
+def _with_earlier_judges(path: Path, result: dict) -> dict:
+    """``result`` plus the judges an earlier run with the same method and settings wrote to ``path`` (runs split by
+    judge, e.g. one per core, add up to one table)."""
+    if not path.is_file():
+        return result
+    earlier = json.loads(path.read_text())
+    kept = {j: r for j, r in earlier["judges"].items() if j not in result["judges"]}
+    result["judges"] = {**kept, **result["judges"]}
+    result["photos"] = [r for r in earlier["photos"] if r["judge"] in kept] + result["photos"]
+    return result
 
 
 if __name__ == "__main__":
