@@ -44,7 +44,7 @@ def test_the_set_is_reproducible_from_its_seed(photo_set, shared_data, tmp_path)
     assert (tmp_path / "seed1" / other[0].photo).read_bytes() != (out / entries[0].photo).read_bytes()
 
 
-def test_evaluation_protects_whole_photos_and_judges_both_pipelines(photo_set, tmp_path):
+def test_evaluation_protects_whole_photos_and_judges_both_pipelines(photo_set, tmp_path, monkeypatch):
     """One photo, one held-out judge, a 2-step cloak: the output is the full photo as written, judged by the
     protection's pipeline and the independent one; the unprotected photo (the floor) is still matched."""
     out, _ = photo_set
@@ -63,3 +63,10 @@ def test_evaluation_protects_whole_photos_and_judges_both_pipelines(photo_set, t
     assert "| dlib-resnet |" in markdown(result)
     json.dumps(result)
     assert np.isfinite(judged["seconds"])
+    # a rerun resumes: the photos already protected are judged again, never protected again
+    from faceshield.protect import Protector
+
+    monkeypatch.setattr(Protector, "protect_files", lambda *a, **k: pytest.fail("protected again"))
+    again = evaluate_photo_set(out, config, tmp_path, progress=False)
+    assert again["photos"][0]["independent_after"] == row["independent_after"]
+    assert again["photos"][0]["seconds"] == row["seconds"]

@@ -262,4 +262,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {j} | {pct(r['floor']['same'])} / {pct(r['floor']['independent'])} | "
                      f"{pct(r['dodging']['same'])} | {pct(r['dodging']['independent'])} | {r['face_ssim']:.3f} | "
                      f"{r['face_psnr']:.1f} | {r['seconds']:.1f} |")
+    if len(result["judges"]) > 1:
+        def summary(kind: str) -> str:
+            values = [r["dodging"][kind] for r in result["judges"].values() if r["dodging"][kind] is not None]
+            return f"{pct(float(np.mean(values)))} (min {pct(min(values))})" if values else "—"
+
+        lines.append(f"| **mean** | | **{summary('same')}** | **{summary('independent')}** | | | |")
     return "\n".join(lines) + "\n"
