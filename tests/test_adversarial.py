@@ -64,28 +64,34 @@ def test_dodging_does_not_start_from_numerical_noise(face_rgb):
 def test_work_scale_makes_the_perturbation_smooth_on_large_faces_only(face_rgb):
     """work_eye_px: on a large face the attack runs where the eyes are that far apart and the perturbation is
     upsampled, so it carries little energy at the photo's finest scale (where an FR system's own resampler would
-    drop it); a face already smaller is protected exactly as without it."""
+    drop it), then rescaled until the face region's PSNR floor binds at the photo's own scale (without the
+    rescale, 2 steps end at 36.4 dB here); a face already smaller is protected exactly as without it."""
     from PIL import Image
 
+    from faceshield.adversarial import face_region, psnr_of_change
     from faceshield.faces.detect import best_face_landmarks, default_detector
     from faceshield.methods.base import create_method
 
     big = np.array(Image.fromarray(face_rgb).resize((768, 768), Image.Resampling.LANCZOS))
     settings = dict(surrogates=("mobilefacenet-ms1m",), steps=2, eot=False, check_every=0, diversity=0.0)
 
-    def delta(rgb, work_eye_px):
+    def delta(rgb, work_eye_px):  # 1×3×H×W
         landmarks = best_face_landmarks(rgb, default_detector())
         method = create_method("cloak", work_eye_px=work_eye_px, **settings)
         image = to_tensor(rgb)
-        return (method.protect(image, landmarks).image - image)[0].mean(0)
+        return method.protect(image, landmarks).image - image
 
     def fine_share(d):  # energy of the 3×3 Laplacian relative to the perturbation's own energy
+        d = d[0].mean(0)
         lap = d[1:-1, 1:-1] * 4 - d[:-2, 1:-1] - d[2:, 1:-1] - d[1:-1, :-2] - d[1:-1, 2:]
         return float(lap.pow(2).mean() / d.pow(2).mean().clamp(min=1e-12))
 
     full, smooth = delta(big, 0.0), delta(big, 40.0)
     assert smooth.abs().max() > 1 / 255  # still a perturbation
     assert fine_share(smooth) < 0.25 * fine_share(full)
+    region = face_region(tuple(big.shape[:2]), best_face_landmarks(big, default_detector()))
+    image = region.crop(to_tensor(big))
+    assert 35.0 <= psnr_of_change(image, region.crop(smooth)) < 35.2  # min_psnr 35: the floor binds
     # a 256² CelebA-HQ face has its eyes ~64 px apart: a working scale of 80 px leaves it alone
     assert torch.equal(delta(face_rgb, 0.0), delta(face_rgb, 80.0))
 
