@@ -70,9 +70,9 @@ class EvalConfig:
         settings: extra method settings, applied to every method that has them.
         independent: also judge through the independent pipeline (:mod:`faceshield.eval.judge`).
         cache_dir: keep every protected photo there (PNG, with its protection time) and reuse it on a rerun with
-            the same method, settings, surrogate pool, judge and photo (one subfolder per method spec and digest
-            of its settings), so a long run resumes where it stopped; None = keep nothing. Delete it after
-            changing the method's code.
+            the same method, resolved config (defaults, preset, settings), surrogate pool, judge and photo (one
+            subfolder per method spec and digest of those), so a long run resumes where it stopped; None = keep
+            nothing. A change to the method's code that keeps its config needs a fresh folder.
     """
 
     methods: tuple[str, ...] = ("cloak@mid",)

@@ -85,13 +85,12 @@ def random_state_dict(layout: dict[str, torch.Tensor], seed: int) -> dict[str, t
       normal·0.1, running_var uniform [0.5, 1.5] (positive), ``num_batches_tracked`` 0;
     * other 1-dim weights (PReLU slopes): uniform [0.1, 0.3]; biases: normal·0.05.
     """
-    state = layout
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for key in sorted(state):
-        ref = state[key]
+    for key in sorted(layout):
+        ref = layout[key]
         prefix, _, leaf = key.rpartition(".")
-        batchnorm = f"{prefix}.running_mean" in state
+        batchnorm = f"{prefix}.running_mean" in layout
         shape = ref.shape
 
         def uniform(low: float, high: float) -> torch.Tensor:
