@@ -90,10 +90,13 @@ class IdentityObjective:
 
     def similarities(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{model: F}`` cosine of each face to its reference (own original, or the target)."""
-        embeddings = self.ensemble(image, self.landmarks)
-        if self.target is None:
-            return {n: (e * self.original[n]).sum(-1) for n, e in embeddings.items()}
-        return {n: (e * self.target[n].to(e)).sum(-1) for n, e in embeddings.items()}
+        return self.ensemble.map_models(lambda name: self._similarity(name, image))
+
+    def _similarity(self, name: str, image: torch.Tensor) -> torch.Tensor:
+        model = self.ensemble.models[name]
+        embedding = model(self.ensemble.align(image, self.landmarks.to(image), name))
+        reference = self.original[name] if self.target is None else self.target[name]
+        return (embedding * reference.to(embedding)).sum(-1)
 
     def scaled(self, name: str, s: torch.Tensor) -> torch.Tensor:
         """``(cos − t) / (1 − t)``: 0 at the model's threshold, 1 at a perfect match."""
@@ -101,15 +104,36 @@ class IdentityObjective:
         return (s - t) / (1.0 - t)
 
     def loss(self, sims: dict[str, torch.Tensor]) -> torch.Tensor:
-        terms = []
-        for name, s in sims.items():
-            if self.thresholds is None:
-                terms.append(s.mean() if self.target is None else -s.mean())
-            elif self.target is None:
-                terms.append(F.relu(self.scaled(name, s) + self.margin).mean())
-            else:
-                terms.append(F.relu(self.margin - self.scaled(name, s)).mean())
-        return torch.stack(terms).mean()
+        return torch.stack([self._term(name, s) for name, s in sims.items()]).mean()
+
+    def _term(self, name: str, s: torch.Tensor) -> torch.Tensor:
+        """One model's share of the loss (before the mean over models)."""
+        if self.thresholds is None:
+            return s.mean() if self.target is None else -s.mean()
+        if self.target is None:
+            return F.relu(self.scaled(name, s) + self.margin).mean()
+        return F.relu(self.margin - self.scaled(name, s)).mean()
+
+    def loss_and_grad(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss at ``image`` and its gradient with respect to ``image`` (same shape), without a graph.
+
+        The loss is a mean of one term per model, so each model's forward and backward runs on its own CPU
+        thread (:meth:`FREnsemble.map_models`) and the gradients are summed in the ensemble's order. A model
+        already past its threshold by the margin has a zero term and gradient: its backward is skipped.
+        """
+        leaf = image.detach().requires_grad_(True)
+
+        def term_and_grad(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            term = self._term(name, self._similarity(name, leaf))
+            if not term.requires_grad or (self.thresholds is not None and float(term.detach()) == 0.0):
+                return term.detach(), torch.zeros_like(leaf)
+            (grad,) = torch.autograd.grad(term, leaf)
+            return term.detach(), grad
+
+        parts = list(self.ensemble.map_models(term_and_grad).values())
+        loss = torch.stack([term for term, _ in parts]).mean()
+        grad = torch.stack([g for _, g in parts]).sum(0) / len(parts)
+        return loss, grad
 
     def succeeded(self, sims: dict[str, torch.Tensor]) -> bool:
         """Every face past every model's threshold by the margin (only meaningful with thresholds)."""
@@ -186,9 +210,9 @@ def sign_attack(
     for step in range(steps):
         delta.requires_grad_(True)
         adv = (image + delta).clamp(0, 1)
-        sims = objective.similarities(transform(adv) if transform is not None else adv)
-        loss = objective.loss(sims)
-        (grad,) = torch.autograd.grad(loss, delta)
+        seen = transform(adv) if transform is not None else adv
+        loss, grad_seen = objective.loss_and_grad(seen)
+        (grad,) = torch.autograd.grad(seen, delta, grad_seen)
         if gradient_sigma > 0:
             grad = gaussian_blur(grad, gradient_sigma, border="nearest", truncate=3.0)
         history["loss"].append(loss.item())

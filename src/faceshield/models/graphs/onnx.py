@@ -26,6 +26,7 @@ from onnx import external_data_helper, numpy_helper
 from torch import nn
 
 from faceshield.errors import FaceshieldError, ShapeError
+from faceshield.models.graphs import prelu
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def _sum(spec: _NodeSpec) -> Kernel:
 @_op("PRelu")
 def _prelu(spec: _NodeSpec) -> Kernel:
     # f(x) = x for x >= 0, slope * x otherwise; slope broadcasts to x (unidirectionally), e.g. C×1×1.
-    return lambda inputs, ctx: torch.where(inputs[0] < 0, inputs[0] * inputs[1], inputs[0])
+    return lambda inputs, ctx: prelu(inputs[0], inputs[1], channel_dim=1)
 
 
 @_op("LeakyRelu")

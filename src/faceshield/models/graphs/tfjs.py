@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faceshield.errors import FaceshieldError, ShapeError
+from faceshield.models.graphs import prelu
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def _hw(values: Sequence[int] | None, node: _Node, what: str) -> tuple[int, int]
 
 
 def _prelu(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return torch.where(x < 0, x * alpha, x)
+    return prelu(x, alpha, channel_dim=-1)
 
 
 _ACTIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
